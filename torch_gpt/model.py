@@ -262,7 +262,7 @@ class GPTModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device=None, dtype=None, **runtime) -> GPTModel:
         """Load our checkpoint or a `transformers` GPT-2 directory (safetensors, or a `.bin` read with
-        `torch.load(weights_only=True)`). `runtime` goes to the constructor (attn_impl, norm_impl)."""
+        `torch.load(weights_only=True)`), in eval mode. `runtime` goes to the constructor (attn_impl, norm_impl)."""
         directory = Path(directory)
         config = load_config(directory)
         raw = load_raw_safetensors(directory)
@@ -274,7 +274,7 @@ class GPTModel(nn.Module):
             raw = {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
         model = cls(config, **runtime)
         model.load_canonical_state(raw, source=str(directory))
-        return model.to(device=device, dtype=dtype)
+        return model.to(device=device, dtype=dtype).eval()  # as transformers does: ready for inference
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
