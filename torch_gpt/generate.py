@@ -27,16 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
     parser.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding (default gpt2, shipped)")
+    parser.add_argument("--tokenizer", default="gpt2", help="gpt2 (default), cl100k_base or word:VOCAB.json")
     args = parser.parse_args(argv)
 
-    from gpt_core.tokenizer import get_tokenizer
+    from gpt_core.tokenizer import check_vocab_size, encode_text, get_tokenizer
 
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p)
         model = GPTModel.from_pretrained(args.checkpoint, attn_impl=args.attn_impl, device=args.device)
         enc = get_tokenizer(args.tokenizer)
-        ids = enc.encode(args.prompt, allowed_special="all")
+        check_vocab_size(model.config.vocab_size, enc)
+        ids = encode_text(enc, args.prompt)
         if not ids:
             raise ValueError("the prompt encodes to no tokens")
         idx = torch.tensor([ids], device=args.device)
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         out = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                        eos_id=enc.eot_token if args.stop_at_eos else None, use_cache=not args.no_cache,
                        generator=gen)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(args.prompt + enc.decode(out[0, len(ids):].tolist()))
