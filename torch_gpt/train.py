@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -78,6 +79,34 @@ def load_optimizer_state(model: GPTModel, opt: torch.optim.AdamW, moments: dict[
             a = moments[f"{kind}.{name}"]
             st[kind] = torch.from_numpy(np.ascontiguousarray(a.T if CONV1D_WEIGHTS.fullmatch(name) else a)).to(p)
         opt.state[p] = st
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, never inside a step, so the
+    checkpoint written then is exact; a second Ctrl-C aborts at once. Ranks agree on stopping."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopFlag:
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def agreed(self, world: int, device: str) -> bool:
+        if world == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.requested = bool(flag)
+        return self.requested
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
@@ -170,11 +199,12 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
 
     stop = steps if args.stop_after is None else min(steps, start + args.stop_after)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=rank != 0 or args.no_progress)
+    interrupted = StopFlag()
     clock = Throughput()
     batches = iter(stream)
     step = start
-    try:
-        while step < stop:
+    with interrupted:
+        while step < stop and not interrupted.agreed(world, device):
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -210,7 +240,7 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
                     print(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
             if args.ckpt_every and step % args.ckpt_every == 0:
                 save(step)
-    except KeyboardInterrupt:
+    if interrupted.requested:
         bar.close()
         save(step)
         writer.close()
