@@ -1,0 +1,177 @@
+"""`python -m bench [parity|speed|kernels|compile]`: prove the twins agree, and measure them.
+
+With no subcommand it runs everything this machine supports on embedded defaults (the `tiny` preset;
+a few minutes on a 2-core CPU). Every row carries device, dtype, shape, versions and git commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench import report
+
+DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton kernels.
+
+  parity   logits, loss, every gradient, an N-step AdamW run and greedy generation, torch vs jax,
+           from one checkpoint; PASS/FAIL per row against DESIGN.md's tolerances; exit 1 on any FAIL
+  speed    forward, forward+backward, train step, prefill and per-token decode for every implementation
+           this machine runs (torch math/sdpa/triton, torch.compile, jax.jit xla/cudnn): median time,
+           spread, tokens/s, achieved TFLOP/s, MFU, compile time, peak memory
+  kernels  on CUDA, flash attention and LayerNorm throughput against PyTorch; elsewhere, the
+           interpreter correctness sweep
+  compile  every Triton kernel configuration compiled for sm_80 and sm_90 without a GPU: registers,
+           spills, shared memory, tensor-core instructions; exit 1 if any configuration spills
+
+No subcommand: all four on defaults. Outputs: a terminal table, and --json/--csv/--plot files."""
+
+
+def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # Subcommands must not reset what was given before them (`--json x parity`): SUPPRESS their defaults.
+    default = None if top else argparse.SUPPRESS
+    p.add_argument("--json", metavar="FILE", default=default, help="write rows (with environment) as JSON")
+    p.add_argument("--csv", metavar="FILE", default=default, help="write rows as CSV")
+    p.add_argument("--plot", metavar="FILE.png", default=default,
+                   help="bar chart of throughput per implementation and phase")
+
+
+def add_model(p: argparse.ArgumentParser, batch: int, seq_len: int) -> None:
+    p.add_argument("--preset", default="tiny", help="GPTConfig preset (tiny, gpt2, gpt2-medium, ...)")
+    p.add_argument("--config", default=None, help="config JSON file (any dialect); overrides --preset")
+    p.add_argument("--batch", type=int, default=batch, help="batch size")
+    p.add_argument("--seq-len", type=int, default=seq_len, help="sequence length")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(p, top=True)
+    sub = p.add_subparsers(dest="command", metavar="{parity,speed,kernels,compile}")
+    par = sub.add_parser("parity", help="torch vs jax: same function?",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model(par, batch=2, seq_len=64)
+    par.add_argument("--train-steps", type=int, default=5, help="AdamW steps compared (0: none)")
+    par.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared (0: none)")
+    par.add_argument("--precision", default="highest", choices=["highest", "default"],
+                     help="highest: full float32 matmuls on both sides; default: each framework's own")
+    par.add_argument("--perturb", metavar="PARAM", default=None,
+                     help="self-test: nudge this weight (e.g. h.0.attn.c_attn.weight) on the JAX side; must FAIL")
+    add_common(par)
+    spd = sub.add_parser("speed", help="time every implementation",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model(spd, batch=4, seq_len=128)
+    spd.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    spd.add_argument("--decode-tokens", type=int, default=16, help="tokens generated for the decode timing")
+    spd.add_argument("--impl", action="append", help="only these implementations (repeatable), e.g. jax/xla")
+    spd.add_argument("--phase", action="append", help="only these phases (repeatable), e.g. forward")
+    add_common(spd)
+    ker = sub.add_parser("kernels", help="Triton kernels: speed on CUDA, correctness sweep elsewhere",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ker.add_argument("--repeats", type=int, default=10)
+    ker.add_argument("--quick", action="store_true", help="fewer shapes")
+    add_common(ker)
+    com = sub.add_parser("compile", help="ahead-of-time resource report for sm_80 and sm_90",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    com.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default 80 and 90)")
+    add_common(com)
+    return p
+
+
+def model_config(args):
+    from gpt_core.config import GPTConfig
+
+    return GPTConfig.from_json(args.config) if args.config else GPTConfig.from_preset(args.preset)
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_parity(args) -> list[report.Row]:
+    from bench import parity
+
+    return parity.run(model_config(args), batch=args.batch, seq_len=args.seq_len, dtype=args.dtype, seed=args.seed,
+                      train_steps=args.train_steps, gen_tokens=args.gen_tokens, precision=args.precision,
+                      perturb=args.perturb, progress=progress)
+
+
+def run_speed(args) -> list[report.Row]:
+    from bench import speed
+
+    return speed.run(model_config(args), batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
+                     repeats=args.repeats, decode_tokens=args.decode_tokens, impls=args.impl,
+                     phases=tuple(args.phase) if args.phase else speed.PHASES, progress=progress)
+
+
+def run_kernels(args) -> list[report.Row]:
+    from bench import kernel_bench
+
+    return kernel_bench.run(repeats=args.repeats, quick=args.quick, progress=progress)
+
+
+def run_compile(args) -> list[report.Row]:
+    from bench import kernel_bench
+
+    return kernel_bench.compile_rows(archs=tuple(args.arch) if args.arch else (80, 90), progress=progress)
+
+
+def defaults(command: str) -> argparse.Namespace:
+    """The embedded defaults of one subcommand, as if it had been run with no flags."""
+    return parser().parse_args([command])
+
+
+def check(args) -> None:
+    for name in ("batch", "seq_len", "repeats", "decode_tokens"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    for name in ("train_steps", "gen_tokens"):
+        v = getattr(args, name, None)
+        if v is not None and v < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    runners = {"parity": run_parity, "speed": run_speed, "kernels": run_kernels, "compile": run_compile}
+    suites = [args.command] if args.command else list(runners)
+    rows: list[report.Row] = []
+    t0 = time.perf_counter()
+    try:
+        for i, suite in enumerate(suites, 1):
+            sargs = args if args.command else defaults(suite)
+            check(sargs)
+            if not args.command:
+                progress(f"suite {i}/{len(suites)}: {suite}")
+            suite_rows = runners[suite](sargs)
+            print(report.table(suite_rows, title=f"== {suite} =="))
+            rows += suite_rows
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    env = report.environment()
+    print("environment: " + ", ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"{len(rows)} rows in {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        report.write_json(rows, args.json)
+    if args.csv:
+        report.write_csv(rows, args.csv)
+    if args.plot:
+        if report.plot(rows, args.plot) is None:
+            print(f"no throughput rows to plot; {args.plot} not written", file=sys.stderr)
+    for path in (args.json, args.csv, args.plot):
+        if path and Path(path).exists():
+            print(f"wrote {path}")
+    failed = [r for r in rows if r.status == "FAIL"]
+    if failed:
+        print(f"{len(failed)} FAIL: " + "; ".join(f"{r.suite} {r.name}" for r in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""`python -m bench speed`: forward, forward+backward, train step and KV-cache generation, every implementation.
+
+FLOP model (DESIGN.md §7), per token at sequence length T: training 6·N + 12·L·T·d; forward and prefill a
+third of it, 2·N + 4·L·T·d; one decode step at context S, 2·N + 4·L·S·d. N counts matmul parameters
+(`GPTConfig.flops_per_token`). Compilation and warm-up are never timed; compile time is its own column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bench import timing, twins
+from bench.report import Row
+from gpt_core.config import GPTConfig
+
+PHASES = ("forward", "forward+backward", "train step", "prefill", "decode")
+
+
+@dataclasses.dataclass
+class Setup:
+    config: GPTConfig
+    batch: int
+    seq_len: int
+    dtype: str
+    repeats: int
+    decode_tokens: int
+    peak: float | None  # FLOP/s the MFU column divides by
+    peak_source: str
+
+
+def implementations() -> list[str]:
+    """Every implementation this machine can run."""
+    import jax
+    import torch
+
+    impls = ["torch/math", "torch/sdpa"]
+    if torch.cuda.is_available():
+        impls.append("torch/triton")
+    impls += ["torch.compile/sdpa", "jax/xla"]
+    if jax.default_backend() == "gpu":
+        impls.append("jax/cudnn")
+    return impls
+
+
+def device_peak(dtype: str) -> tuple[float | None, str]:
+    """The MFU denominator: a GPU's datasheet peak, or a large matmul measured now on this CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        peak = timing.gpu_peak(name, dtype, tf32)
+        return peak, f"datasheet {name}" if peak else f"unknown GPU {name}: no MFU"
+    peaks = timing.cpu_matmul_peak(dtype)
+    best = max(peaks, key=peaks.get)
+    return peaks[best], f"measured 2048^3 {dtype} matmul on this CPU ({best}, {peaks[best] / 1e9:.1f} GFLOP/s)"
+
+
+def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "float32", repeats: int = 5,
+        decode_tokens: int = 16, impls: list[str] | None = None, phases: tuple[str, ...] = PHASES,
+        progress: Callable[[str], Any] = lambda msg: None) -> list[Row]:
+    if seq_len > config.context_length:
+        raise ValueError(f"seq_len {seq_len} exceeds the config's context_length {config.context_length}")
+    if dtype not in twins.DTYPES:
+        raise ValueError(f"dtype must be one of {twins.DTYPES}, got {dtype!r}")
+    available = implementations()
+    impls = impls or available
+    unknown = [i for i in impls if i not in available]
+    if unknown:
+        raise ValueError(f"implementation(s) {unknown} cannot run here; available: {available}")
+    bad = [p for p in phases if p not in PHASES]
+    if bad:
+        raise ValueError(f"unknown phase(s) {bad}; choose from {PHASES}")
+    config = dataclasses.replace(config, drop_rate=0.0)
+    twins.set_precision("highest")
+    progress("speed: measuring the device peak")
+    peak, source = device_peak(dtype)
+    s = Setup(config, batch, seq_len, dtype, repeats, decode_tokens, peak, source)
+    rows = []
+    for impl in impls:
+        progress(f"speed: {impl}")
+        rows += (_jax_rows if impl.startswith("jax") else _torch_rows)(s, impl, phases, progress)
+    return rows
+
+
+def _row(s: Setup, impl: str, phase: str, t: timing.Timing | None, tokens: int, flops_per_token: float,
+         compile_s: float | None, mem: float | None, note: str = "") -> Row:
+    shape = f"B={s.batch} T={s.seq_len}" + (f" +{s.decode_tokens}" if phase == "decode" else "")
+    if t is None:
+        return Row("speed", phase, impl, s.dtype, shape, {}, "SKIP", note)
+    achieved = tokens * flops_per_token / t.median
+    m = {"ms": t.median * 1e3, "spread": t.spread, "tokens_per_s": tokens / t.median, "tflops": achieved / 1e12,
+         "mfu": achieved / s.peak if s.peak else None, "compile_s": compile_s, "peak_mem_mb": mem}
+    return Row("speed", phase, impl, s.dtype, shape, m, "", note or f"MFU vs {s.peak_source}")
+
+
+def _flops(s: Setup, phase: str) -> float:
+    train = s.config.flops_per_token(s.seq_len)
+    if phase in ("forward", "prefill"):
+        return train / 3
+    if phase == "decode":  # one token attending to the prompt and what was generated before it
+        ctx = s.seq_len + s.decode_tokens / 2
+        return (train - 12 * s.config.n_layers * s.seq_len * s.config.emb_dim) / 3 + \
+            4 * s.config.n_layers * ctx * s.config.emb_dim
+    return train
+
+
+def _compile_time(first_call_s: float, steady: timing.Timing) -> float:
+    return max(0.0, first_call_s - steady.median)
+
+
+# ------------------------------------------------------------------------------------------------- torch
+def _torch_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
+    import torch
+
+    import torch_gpt
+    from torch_gpt import cross_entropy_loss
+
+    framework, attn = impl.split("/")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tw = twins.build(s.config, dtype=s.dtype, torch_attn=attn, device=device)
+    model = tw.torch_model.train()
+    compiled = framework == "torch.compile"
+    fwd = torch.compile(model) if compiled else model
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, s.config.vocab_size, (s.batch, s.seq_len))).to(device)
+    y = torch.from_numpy(rng.integers(0, s.config.vocab_size, (s.batch, s.seq_len))).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def forward():
+        with torch.no_grad():
+            return fwd(x)
+
+    def fwd_bwd():
+        model.zero_grad(set_to_none=True)
+        loss = cross_entropy_loss(fwd(x), y)
+        loss.backward()
+        return loss
+
+    def train_step():
+        loss = fwd_bwd()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    def gen(n):
+        return lambda: torch_gpt.generate(model, x, n)
+
+    fns = {"forward": forward, "forward+backward": fwd_bwd, "train step": train_step}
+    rows = []
+    for phase in phases:
+        if phase in fns:
+            rows.append(_timed(s, impl, phase, fns[phase], timing.torch_sync, device, s.batch * s.seq_len))
+        elif compiled:
+            rows.append(_row(s, impl, phase, None, 0, 0, None, None,
+                             "generation runs eagerly (its cache shapes change every step)"))
+        elif phase == "prefill":
+            rows.append(_timed(s, impl, phase, gen(1), timing.torch_sync, device, s.batch * s.seq_len))
+        elif phase == "decode":
+            rows.append(_decode(s, impl, gen(1), gen(1 + s.decode_tokens), timing.torch_sync, device))
+    return rows
+
+
+def _torch_mem(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+
+
+def _timed(s: Setup, impl: str, phase: str, fn, sync, device: str, tokens: int, compile_s: float | None = None):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    sync(fn())  # first call: compilation (torch.compile, jit) and warm-up
+    first = time.perf_counter() - t0
+    t = timing.measure(fn, sync, s.repeats, warmup=1)
+    if compile_s is None and (impl.startswith("torch.compile") or impl.startswith("jax")):
+        compile_s = _compile_time(first, t)
+    mem = _torch_mem(device) if impl.startswith("torch") else _jax_mem()
+    return _row(s, impl, phase, t, tokens, _flops(s, phase), compile_s, mem)
+
+
+def _decode(s: Setup, impl: str, prefill_fn, full_fn, sync, device: str) -> Row:
+    """Per-token decode time: (prefill + n decode steps − prefill) / n, both through `generate`."""
+    p = timing.measure(prefill_fn, sync, s.repeats, warmup=1)
+    f = timing.measure(full_fn, sync, s.repeats, warmup=1)
+    n = s.decode_tokens
+    med = (f.median - p.median) / n
+    per = timing.Timing(med, med * f.p10 / f.median, med * f.p90 / f.median, s.repeats)  # the full call's spread
+    mem = _torch_mem(device) if impl.startswith("torch") else _jax_mem()
+    return _row(s, impl, "decode", per, s.batch, _flops(s, "decode"), None, mem,
+                "per generated token (all sequences of the batch), KV cache")
+
+
+# --------------------------------------------------------------------------------------------------- jax
+def _jax_mem() -> float | None:
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def _jax_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
+    import jax
+    import optax
+    from flax import nnx
+
+    import jax_gpt
+    from jax_gpt.model import cross_entropy_loss
+
+    attn = impl.split("/")[1]
+    tw = twins.build(s.config, dtype=s.dtype, jax_attn=attn)
+    model = tw.jax_model
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # differentiate the Params only
+    rng = np.random.default_rng(0)
+    x = jax.numpy.asarray(rng.integers(0, s.config.vocab_size, (s.batch, s.seq_len)))
+    y = jax.numpy.asarray(rng.integers(0, s.config.vocab_size, (s.batch, s.seq_len)))
+
+    def loss_fn(params, x, y):
+        return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x), y)
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4))
+    opt_state = tx.init(params)
+
+    def train_step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    programs = {"forward": (lambda p, x: nnx.merge(graphdef, p, rest)(x), (params, x)),
+                "forward+backward": (jax.value_and_grad(loss_fn), (params, x, y)),
+                "train step": (train_step, (params, opt_state, x, y))}
+    rows = []
+    for phase in phases:
+        if phase in programs:
+            f, args = programs[phase]
+            t0 = time.perf_counter()
+            exe = jax.jit(f).lower(*args).compile()  # compile time measured apart from execution
+            compile_s = time.perf_counter() - t0
+            rows.append(_timed(s, impl, phase, lambda exe=exe, args=args: exe(*args), timing.jax_sync, "jax",
+                               s.batch * s.seq_len, compile_s))
+        elif phase == "prefill":
+            rows.append(_timed(s, impl, phase, lambda: jax_gpt.generate(model, x, 1), timing.jax_sync, "jax",
+                               s.batch * s.seq_len))
+        elif phase == "decode":
+            rows.append(_decode(s, impl, lambda: jax_gpt.generate(model, x, 1),
+                                lambda: jax_gpt.generate(model, x, 1 + s.decode_tokens), timing.jax_sync, "jax"))
+    return rows

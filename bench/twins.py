@@ -1,0 +1,158 @@
+"""The two models built from one config and one set of weights, and the same operations on each.
+
+Weights travel from torch to JAX through the shared checkpoint format, as a user's would. Every function
+returns numpy (float32/float64) with canonical parameter names, so the parity suite compares like with like.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gpt_core.checkpoint import CONV1D_WEIGHTS
+from gpt_core.config import GPTConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class Twins:
+    config: GPTConfig
+    torch_model: Any  # torch_gpt.GPTModel
+    jax_model: Any  # jax_gpt.GPTModel
+    dtype: str
+
+
+def set_precision(mode: str) -> None:
+    """'highest': full float32 matmuls on both sides (parity); 'default': each framework's own default."""
+    import jax
+    import torch
+
+    if mode == "highest":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        jax.config.update("jax_default_matmul_precision", "highest")
+    elif mode == "default":
+        torch.set_float32_matmul_precision("highest")  # PyTorch's out-of-the-box setting: no TF32 matmuls
+        jax.config.update("jax_default_matmul_precision", None)  # JAX's: TF32 on recent GPUs, bf16 on TPU
+    else:
+        raise ValueError(f"precision must be 'highest' or 'default', got {mode!r}")
+
+
+def build(config: GPTConfig, seed: int = 0, dtype: str = "float32", torch_attn: str = "sdpa",
+          jax_attn: str = "xla", device: str = "cpu") -> Twins:
+    """A randomly initialised torch_gpt model and a jax_gpt model loaded from its checkpoint."""
+    import jax.numpy as jnp
+    import torch
+
+    import jax_gpt
+    import torch_gpt
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    torch.manual_seed(seed)
+    tm = torch_gpt.GPTModel(config, attn_impl=torch_attn)
+    with torch.no_grad():  # move LayerNorms and biases off their constant init so no mapping hides
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in tm.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    with tempfile.TemporaryDirectory() as d:
+        tm.save_pretrained(d)
+        jdt = getattr(jnp, dtype)
+        jm = jax_gpt.GPTModel.from_pretrained(d, dtype=jdt, param_dtype=jdt, attn_impl=jax_attn)
+    tm = tm.to(device=device, dtype=getattr(torch, dtype))
+    return Twins(config, tm, jm, dtype)
+
+
+def torch_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+    """(logits, loss, canonical gradients) in eval mode (no dropout)."""
+    import torch
+
+    from torch_gpt import cross_entropy_loss
+
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    dev = model.wte.weight.device
+    logits = model(torch.from_numpy(x).to(dev))
+    loss = cross_entropy_loss(logits, torch.from_numpy(y).to(dev))
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().float().cpu().numpy()
+        grads[name] = g.T if CONV1D_WEIGHTS.fullmatch(name) else g
+    with torch.no_grad():
+        return logits.detach().float().cpu().numpy(), float(loss), grads
+
+
+def jax_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+    from flax import nnx
+
+    from jax_gpt.model import cross_entropy_loss, to_canonical
+
+    def loss_fn(m):
+        logits = m(x)
+        return cross_entropy_loss(logits, y), logits
+
+    (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    return np.asarray(logits, np.float32), float(loss), to_canonical(grads)
+
+
+def torch_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, weight_decay: float
+                       ) -> list[float]:
+    """Losses of AdamW steps (decay on >=2-D weights), one per batch, dropout off; trains in place."""
+    import torch
+
+    from torch_gpt import cross_entropy_loss
+
+    model.eval()  # dropout off: the two sides' dropout masks could never agree
+    params = list(model.parameters())
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    dev = model.wte.weight.device
+    losses = []
+    for x, y in batches:
+        loss = cross_entropy_loss(model(torch.from_numpy(x).to(dev)), torch.from_numpy(y).to(dev))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def jax_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, weight_decay: float
+                     ) -> list[float]:
+    import jax
+    import optax
+    from flax import nnx
+
+    from jax_gpt.model import cross_entropy_loss
+
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    tx = optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: cross_entropy_loss(m(x), y))(model)
+        opt.update(model, grads)
+        return loss
+
+    return [float(step(model, opt, x, y)) for x, y in batches]
+
+
+def greedy_tokens(tw: Twins, prompt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    import jax_gpt
+    import torch_gpt
+
+    dev = tw.torch_model.wte.weight.device
+    t = torch_gpt.generate(tw.torch_model, torch.from_numpy(prompt).to(dev), n).cpu().numpy()
+    j = np.asarray(jax_gpt.generate(tw.jax_model, prompt, n))
+    return t, j

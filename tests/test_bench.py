@@ -1,0 +1,77 @@
+"""The bench CLI: parity passes and fails when it must, speed rows carry every field, --help, bad flags."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bench.__main__ import main
+from gpt_core import GPTConfig
+
+SMALL = GPTConfig(vocab_size=211, context_length=32, emb_dim=32, n_heads=4, n_layers=2, qkv_bias=True,
+                  tie_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "config.json"
+    SMALL.to_json(path)
+    return str(path)
+
+
+def test_parity_passes(config_file, tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    assert main(["--json", str(out), "parity", "--config", config_file, "--seq-len", "16", "--train-steps", "3",
+                 "--gen-tokens", "8"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["name"] for r in rows} >= {"logits", "loss", "train losses (3 steps)", "greedy generation (8 tokens)"}
+    assert all(r["status"] == "PASS" for r in rows)
+    assert "== parity ==" in capsys.readouterr().out
+
+
+def test_parity_fails_on_a_perturbed_weight(config_file, capsys):
+    code = main(["parity", "--config", config_file, "--seq-len", "16", "--train-steps", "0", "--gen-tokens", "0",
+                 "--perturb", "h.1.mlp.c_fc.weight"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "FAIL" in captured.out and "gradients" in captured.err
+
+
+def test_speed_json_has_every_field(config_file, tmp_path):
+    out, csv = tmp_path / "speed.json", tmp_path / "speed.csv"
+    assert main(["speed", "--config", config_file, "--batch", "2", "--seq-len", "16", "--repeats", "2",
+                 "--decode-tokens", "2", "--impl", "torch/sdpa", "--impl", "jax/xla", "--json", str(out),
+                 "--csv", str(csv), "--plot", str(tmp_path / "speed.png")]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert {(r["impl"], r["name"]) for r in rows} == {
+        (i, p) for i in ("torch/sdpa", "jax/xla")
+        for p in ("forward", "forward+backward", "train step", "prefill", "decode")}
+    for r in rows:
+        for key in ("ms", "spread", "tokens_per_s", "tflops", "mfu", "compile_s", "peak_mem_mb", "dtype", "shape",
+                    "commit", "torch", "jax", "torch_device", "python"):
+            assert key in r, f"{key} missing from {r['impl']} {r['name']}"
+        assert r["ms"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"]
+    assert all(r["compile_s"] is not None for r in rows if r["impl"] == "jax/xla" and r["name"] != "decode")
+    assert csv.read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "speed.png").stat().st_size > 0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_help_and_bad_flags():
+    out = run_cli("--help")
+    assert out.returncode == 0 and "parity" in out.stdout and "compile" in out.stdout
+    out = run_cli("speed", "--help")
+    assert out.returncode == 0 and "--repeats" in out.stdout
+    out = run_cli("speed", "--no-such-flag")
+    assert out.returncode == 2 and "unrecognized arguments: --no-such-flag" in out.stderr
+    out = run_cli("parity", "--preset", "gpt5")
+    assert out.returncode == 2 and "unknown preset 'gpt5'" in out.stderr
+    out = run_cli("speed", "--preset", "tiny", "--impl", "torch/flash9")
+    assert out.returncode == 2 and "cannot run here" in out.stderr
+    out = run_cli("parity", "--preset", "tiny", "--seq-len", "0")
+    assert out.returncode == 2 and "--seq-len must be >= 1" in out.stderr
