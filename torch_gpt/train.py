@@ -162,7 +162,10 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
         start = trainer_state["step"]
         load_optimizer_state(model, opt, moments, start)
         stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed, **trainer_state["data"])
-        torch.set_rng_state(torch.tensor(trainer_state["rng"]["torch_cpu"], dtype=torch.uint8))
+        if "torch_cpu" in trainer_state["rng"]:
+            torch.set_rng_state(torch.tensor(trainer_state["rng"]["torch_cpu"], dtype=torch.uint8))
+        elif config.drop_rate > 0:
+            print("note: the checkpoint has no torch RNG state (a JAX run?): dropout masks start afresh")
     model.to(device)
     for st in opt.state.values():  # moments follow their parameters to the device
         for k in ("exp_avg", "exp_avg_sq"):
