@@ -25,7 +25,8 @@ DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton ker
   compile  every Triton kernel configuration compiled for sm_80 and sm_90 without a GPU: registers,
            spills, shared memory, tensor-core instructions; exit 1 if any configuration spills
 
-No subcommand: all four on defaults. Outputs: a terminal table, and --json/--csv/--plot files."""
+No subcommand: all four on defaults (kernels and compile on their --quick subsets).
+Outputs: a terminal table, and --json/--csv/--plot files."""
 
 
 def add_common(p: argparse.ArgumentParser, top: bool = False) -> None:
@@ -77,6 +78,7 @@ def parser() -> argparse.ArgumentParser:
     com = sub.add_parser("compile", help="ahead-of-time resource report for sm_80 and sm_90",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     com.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default 80 and 90)")
+    com.add_argument("--quick", action="store_true", help="a subset of configurations (bf16/fp32, D 64 and 128)")
     add_common(com)
     return p
 
@@ -116,12 +118,18 @@ def run_kernels(args) -> list[report.Row]:
 def run_compile(args) -> list[report.Row]:
     from bench import kernel_bench
 
-    return kernel_bench.compile_rows(archs=tuple(args.arch) if args.arch else (80, 90), progress=progress)
+    return kernel_bench.compile_rows(archs=tuple(args.arch) if args.arch else (80, 90), quick=args.quick,
+                                     progress=progress)
+
+
+# `python -m bench` with no subcommand: each suite on its defaults, the Triton ones on their quick subsets,
+# so that the whole run stays within a few minutes on a 2-core CPU.
+NO_SUBCOMMAND = {"parity": ["parity"], "speed": ["speed"], "kernels": ["kernels", "--quick"],
+                 "compile": ["compile", "--quick"]}
 
 
 def defaults(command: str) -> argparse.Namespace:
-    """The embedded defaults of one subcommand, as if it had been run with no flags."""
-    return parser().parse_args([command])
+    return parser().parse_args(NO_SUBCOMMAND[command])
 
 
 def check(args) -> None:
