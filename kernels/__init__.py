@@ -1,0 +1,21 @@
+"""Fused Triton kernels for PyTorch: flash attention and LayerNorm, forward and backward.
+
+`flash_attention`, `layer_norm`, `add_layer_norm` and the `FusedLayerNorm` module are ordinary differentiable
+PyTorch functions (`torch.library` custom ops: `opcheck` and `torch.compile(fullgraph=True)` work);
+`patch(model)` loads them into an existing model. `import kernels` needs only torch and triton.
+
+Dispatch: CUDA tensors run the compiled Triton kernels; CPU tensors run them in Triton's interpreter when
+TRITON_INTERPRET=1 was set before triton was imported, and an exact PyTorch reference otherwise.
+`kernels.utils.last_path(op)` and `dispatch_counts()` tell which ran. `python -m kernels.compile_report`
+builds every kernel configuration for sm_80 and sm_90 and prints its registers, spills and shared memory.
+"""
+
+from kernels import utils
+from kernels.flash_attention import flash_attention
+from kernels.layer_norm import FusedLayerNorm, add_layer_norm, layer_norm
+from kernels.patch import Replacement, Rule, patch, register_rule, unpatch
+
+__all__ = [
+    "FusedLayerNorm", "Replacement", "Rule", "add_layer_norm", "flash_attention", "layer_norm", "patch",
+    "register_rule", "unpatch", "utils",
+]

@@ -1,0 +1,242 @@
+"""Build every kernel configuration ahead of time for sm_80 and sm_90 and read its resource usage (no GPU).
+
+`compile_report()` returns one `CompileRow` per (kernel, architecture, dtype, size, configuration):
+registers, local-memory (spill) bytes, shared memory against the chip's limit, and which tensor-core
+instruction the PTX uses (`wgmma` on Hopper, `mma` on Ampere, none for float32's exact FMA products).
+`python -m kernels.compile_report [--quick] [--json]` prints it.
+
+Compilation needs real `JITFunction`s, which Triton's interpreter replaces: under TRITON_INTERPRET=1 the
+report runs itself in a child process with the interpreter off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+ARCHS = (80, 90)
+# Integer arguments in CAPS (sizes); every other CAPS argument of a kernel is a pointer.
+SIZE_ARGS = {"H", "T_Q", "T_K", "TQ_BUCKET", "TK_BUCKET", "M", "N"}
+
+
+@dataclass
+class CompileRow:
+    kernel: str
+    arch: int
+    dtype: str
+    size: str  # what the build is specialised to: "D=64 causal", "BLOCK_N=1024"
+    config: str  # tile sizes, warps, stages
+    registers: int
+    spill_bytes: int  # local memory per thread (spills, stack); must be 0
+    smem_bytes: int  # Triton's dynamic plus static shared memory per program
+    smem_limit: int
+    mma: str  # "wgmma", "mma" or "none"
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        """No spills, and shared memory within the chip."""
+        return self.spill_bytes == 0 and self.smem_bytes <= self.smem_limit
+
+
+@dataclass
+class _Variant:
+    kernel: str
+    fn_name: str  # module:function of the @triton.jit kernel
+    dtype: str
+    size: str
+    config: str
+    pointer_dtypes: dict  # pointer argument -> Triton dtype name (default: `dtype`)
+    constexprs: dict
+    unit_strides: tuple  # stride arguments specialised to 1, as Triton does at run time
+    floats: tuple  # float scalar arguments
+    num_warps: int
+    num_stages: int
+
+
+def _variants(arch: int, quick: bool) -> list[_Variant]:
+    """Every configuration the launchers can pick on `arch`, in each dtype and head-size class.
+
+    Attention builds are causal at head sizes 64, 80 (masked head tile) and 128, plus, at head size 128 in
+    bfloat16 and float32, non-causal and decoding ones (T_Q = 1, which Triton specialises as a constant; only
+    the 16-row query tiles run then). quick: bfloat16 and float32, causal at head size 128 (the most
+    registers), one non-causal and one decoding build per bfloat16 kernel, three LayerNorm blocks.
+    """
+    import importlib
+
+    import torch
+
+    from kernels import utils
+
+    # The package exports the functions `flash_attention`/`layer_norm`, which shadow their modules' names.
+    fa = importlib.import_module("kernels.flash_attention")
+    out = []
+    dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float16, torch.bfloat16, torch.float32)
+    unit_strides = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dkd", "stride_dvd",
+                    "stride_dqd")
+    for dtype in dtypes:
+        name = utils.TRITON_DTYPE[dtype]
+        cases = [(d, True, False) for d in ((128,) if quick else (64, 80, 128))]  # (D, causal, decoding)
+        if dtype == torch.bfloat16 or dtype == torch.float32 and not quick:  # float16 builds as bfloat16 does
+            cases += [(128, False, False), (128, True, True)]
+        for d, causal, decoding in cases:
+            for kind, kernel in (("fwd", "_attn_fwd_kernel"), ("dkdv", "_attn_bwd_dkdv_kernel"),
+                                 ("dq", "_attn_bwd_dq_kernel")):
+                # Decoding: the configurations the launcher keeps for one query against a long cache.
+                configs = (fa.configs_for_shape(kind, arch, dtype, d, 1, 4096) if decoding
+                           else fa.configs_for(kind, arch, dtype, d))
+                if quick and (decoding or not causal):
+                    configs = configs[:1]
+                for cfg in configs:
+                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                    constexprs = dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
+                                      INTERP_BF16=False, PRECISION="ieee" if dtype == torch.float32 else "tf32")
+                    if decoding:
+                        constexprs["T_Q"] = 1
+                    size = f"D={d}" + (" causal" if causal else "") + (" T_Q=1" if decoding else "")
+                    out.append(_Variant(
+                        f"attn_{kind}", f"kernels.flash_attention:{kernel}", name, size,
+                        f"BLOCK_M={bm} BLOCK_N={bn} warps={cfg.num_warps} stages={cfg.num_stages}",
+                        {"LSE": "fp32", "DELTA": "fp32"}, constexprs, unit_strides, ("sm_scale",), cfg.num_warps,
+                        cfg.num_stages))
+            if causal and not decoding:
+                out.append(_Variant(
+                    "attn_bwd_preprocess", "kernels.flash_attention:_attn_bwd_preprocess_kernel", name, f"D={d}",
+                    f"BLOCK_M={fa.PREPROCESS_BLOCK_M} warps=4", {"DELTA": "fp32"},
+                    dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=fa.PREPROCESS_BLOCK_M),
+                    ("stride_od", "stride_dod"), (), 4, 3))
+        # LayerNorm: every (BLOCK_N, warps) the launcher can pick, with every feature on.
+        blocks = [1 << i for i in range(4, utils.LN_MAX_BLOCK.bit_length())]
+        for block in (16, 1024, utils.LN_MAX_BLOCK) if quick else blocks:
+            rows, _, warps = utils.ln_block_config(block)
+            for single in (True, False) if block == utils.LN_MAX_BLOCK else (True,):
+                size = f"BLOCK_N={block}" + ("" if single else " chunked")
+                flags = dict(ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_WEIGHT=True, HAS_BIAS=True,
+                             INTERP_BF16=False)
+                config = f"ROWS={rows} warps={warps}"
+                out.append(_Variant("ln_fwd", "kernels.layer_norm:_ln_fwd_kernel", name, size, config,
+                                    {"MEAN": "fp32", "RSTD": "fp32"}, dict(flags, HAS_RESIDUAL=True), (),
+                                    ("eps",), warps, 3))
+                out.append(_Variant("ln_bwd", "kernels.layer_norm:_ln_bwd_kernel", name, size, config,
+                                    {"MEAN": "fp32", "RSTD": "fp32", "DW_PART": "fp32", "DB_PART": "fp32"},
+                                    dict(flags, HAS_DZ=True), (), (), warps, 3))
+    return out
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """cuobjdump --dump-resource-usage: REG, STACK, SHARED, LOCAL of the (single) kernel in `cubin`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True).stdout
+    line = next(ln for ln in text.splitlines() if "REG:" in ln)
+    return {k: int(v) for k, v in (item.split(":") for item in line.split() if ":" in item and item[-1].isdigit())}
+
+
+def _build(v: _Variant, arch: int) -> CompileRow:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import utils
+
+    module, name = v.fn_name.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    constexprs = dict(v.constexprs, **{s: 1 for s in v.unit_strides if s in fn.arg_names})
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.isupper() and arg not in SIZE_ARGS:  # pointers, 16-byte aligned as PyTorch allocates
+            signature[arg] = "*" + v.pointer_dtypes.get(arg, v.dtype)
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif arg in v.floats:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride"):  # row strides of aligned tensors are multiples of 16
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    start = time.perf_counter()
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": v.num_warps, "num_stages": v.num_stages, "enable_fp_fusion": True})
+    seconds = time.perf_counter() - start
+    usage = _resource_usage(kernel.asm["cubin"])
+    ptx = kernel.asm["ptx"]
+    mma = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
+    return CompileRow(v.kernel, arch, v.dtype, v.size, v.config, usage["REG"],
+                      usage["LOCAL"] + usage["STACK"], kernel.metadata.shared + usage["SHARED"],
+                      utils.smem_limit(arch), mma, round(seconds, 2))
+
+
+def _build_job(job: tuple[_Variant, int]) -> CompileRow:
+    return _build(*job)
+
+
+def _build_all(quick: bool, archs: tuple[int, ...]) -> list[CompileRow]:
+    jobs = [(v, arch) for arch in archs for v in _variants(arch, quick)]
+    # One process per core: ptxas and Triton's passes are single-threaded.
+    with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_build_job, jobs))
+
+
+def compile_report(quick: bool = False, archs: tuple[int, ...] = ARCHS) -> list[CompileRow]:
+    """Compile every kernel configuration for each architecture in `archs` (no GPU needed); one row each.
+
+    `quick` builds a subset (see `_variants`): bfloat16 and float32, attention mostly at head size 128.
+    """
+    from kernels import utils
+
+    if not utils.interpreting():
+        return _build_all(quick, archs)
+    cmd = [sys.executable, "-m", "kernels.compile_report", "--json", "--archs", *map(str, archs)]
+    cmd += ["--quick"] if quick else []
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ahead-of-time build failed:\n{done.stderr[-4000:]}")
+    return [CompileRow(**row) for row in json.loads(done.stdout)]
+
+
+def format_table(rows: list[CompileRow]) -> str:
+    """The rows as a fixed-width text table."""
+    head = ("kernel", "arch", "dtype", "size", "config", "regs", "spill", "smem", "limit", "mma", "ok")
+    body = [(r.kernel, f"sm_{r.arch}", r.dtype, r.size, r.config,
+             str(r.registers), str(r.spill_bytes), str(r.smem_bytes), str(r.smem_limit), r.mma,
+             "ok" if r.ok else "FAIL") for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *body]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a subset: bf16/fp32, attention at D=128")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
+    args = parser.parse_args(argv)
+    rows = compile_report(quick=args.quick, archs=tuple(args.archs))
+    print(json.dumps([dataclasses.asdict(r) for r in rows]) if args.json else format_table(rows))
+    return 0 if args.json or all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

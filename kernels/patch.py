@@ -1,0 +1,188 @@
+"""Load the kernels into an existing model: one generic module walker and a small registry of rules.
+
+`patch(model)` walks every submodule once and applies the first rule that matches it:
+- `nn.LayerNorm` (exactly that class) is replaced by a `FusedLayerNorm` sharing its parameters;
+- a module whose class has a settable `attn_impl` property (a `torch_gpt.GPTModel`, found by duck typing,
+  never imported) gets `attn_impl = "triton"`;
+- a Hugging Face `transformers` model (it has `set_attn_implementation` and a config with an
+  `_attn_implementation`) is switched to `flash_attention`, registered in transformers' own
+  `AttentionInterface` under `ATTN_KEY`.
+Other model families need one more `Rule`, registered with `register_rule`, not another walker.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from kernels.flash_attention import flash_attention
+from kernels.layer_norm import FusedLayerNorm
+
+ATTN_KEY = "kernels_triton"  # our name in transformers' attention registry ("flash" in it would trigger HF checks)
+
+
+@dataclass
+class Replacement:
+    """One change `patch` made: at module `path` ("" is the root), `old` became `new`.
+
+    kind "module": `old`/`new` are modules (the child at `path` was swapped).
+    kind "attribute": `old`/`new` are the values of `target`'s attention setting.
+    """
+
+    path: str
+    rule: str
+    kind: str
+    old: Any
+    new: Any
+    target: nn.Module | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`matches(module)` selects modules; `apply(module, path)` changes one and returns what it did, or None."""
+
+    name: str
+    group: str  # "layer_norm" or "attention": `patch` can switch groups off
+    matches: Callable[[nn.Module], bool]
+    apply: Callable[[nn.Module, str], Replacement | None]
+
+
+RULES: list[Rule] = []
+
+
+def register_rule(rule: Rule, *, first: bool = False) -> None:
+    """Add a rule to the registry `patch` consults (before the built-in ones with `first=True`)."""
+    if first:
+        RULES.insert(0, rule)
+    else:
+        RULES.append(rule)
+
+
+# ----------------------------------------------------------------------------- built-in rules
+def _swap_layer_norm(module: nn.LayerNorm, path: str) -> Replacement:
+    return Replacement(path, "layer_norm", "module", module, FusedLayerNorm.from_layer_norm(module))
+
+
+def _has_attn_impl_setter(module: nn.Module) -> bool:
+    prop = getattr(type(module), "attn_impl", None)
+    return isinstance(prop, property) and prop.fset is not None
+
+
+def _set_attn_impl(module: nn.Module, path: str) -> Replacement | None:
+    old = module.attn_impl
+    if old == "triton":
+        return None
+    module.attn_impl = "triton"
+    return Replacement(path, "attn_impl", "attribute", old, "triton", target=module)
+
+
+def _is_hf_model(module: nn.Module) -> bool:
+    config = getattr(module, "config", None)
+    return hasattr(module, "set_attn_implementation") and hasattr(config, "_attn_implementation")
+
+
+def _set_hf_attention(module: nn.Module, path: str) -> Replacement | None:
+    old = module.config._attn_implementation
+    if old == ATTN_KEY:
+        return None  # already switched (an outer model shares this config)
+    register_hf_attention()
+    module.set_attn_implementation(ATTN_KEY)
+    return Replacement(path, "hf_attention", "attribute", old, ATTN_KEY, target=module)
+
+
+register_rule(Rule("layer_norm", "layer_norm", lambda m: type(m) is nn.LayerNorm, _swap_layer_norm))
+register_rule(Rule("attn_impl", "attention", _has_attn_impl_setter, _set_attn_impl))
+register_rule(Rule("hf_attention", "attention", _is_hf_model, _set_hf_attention))
+
+
+# ----------------------------------------------------------------------------- transformers
+def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function interface: (B, H, T, D) query, (B, H_kv, S, D) key/value ->
+    ((B, T, H, D) output, no weights).
+
+    Runs `flash_attention` whenever the mask is the plain causal one (transformers then passes no mask: we
+    register sdpa's mask builder under our key). Padding masks, attention dropout, attention weights, position
+    biases and paged caches have no kernel here: those calls fall back to sdpa, with a warning (once per process, by
+    Python's default warning filter).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    unsupported = {"attention mask": attention_mask is not None, "attention dropout": dropout > 0.0,
+                   "attention weights output": bool(kwargs.get("output_attentions")),
+                   "position bias": kwargs.get("position_bias") is not None,
+                   "paged cache": kwargs.get("cache") is not None}
+    if any(unsupported.values()):
+        reasons = ", ".join(name for name, asked in unsupported.items() if asked)
+        warnings.warn(f"kernels.flash_attention has no {reasons}: transformers' sdpa attention runs instead",
+                      stacklevel=2)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: one key/value head per group of query heads
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # No mask: the plain causal one (T_Q == T_K, or one query against a cache: our diagonal is end-aligned).
+    out = flash_attention(query, key, value, causal=bool(causal), sm_scale=scaling)
+    return out.transpose(1, 2), None  # (B, T, H, D)
+
+
+def register_hf_attention() -> None:
+    """Register `hf_attention_forward` (and sdpa's mask builder) in transformers' registries under ATTN_KEY."""
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    AttentionInterface.register(ATTN_KEY, hf_attention_forward)
+    AttentionMaskInterface.register(ATTN_KEY, sdpa_mask)
+
+
+# ----------------------------------------------------------------------------- the walker
+def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True) -> list[Replacement]:
+    """Load the kernels into `model` in place; return what was replaced (empty if nothing matched).
+
+    Every `nn.LayerNorm` becomes a `FusedLayerNorm` sharing the same parameters; attention switches where a
+    rule knows how (torch_gpt's `attn_impl`, transformers' attention registry). `unpatch` undoes it.
+    """
+    groups = {"layer_norm"} if layer_norm else set()
+    groups |= {"attention"} if attention else set()
+    done: list[Replacement] = []
+    swapped: dict[int, nn.Module] = {}  # a module shared by several parents is swapped for one new module
+    for path, module in list(model.named_modules(remove_duplicate=False)):
+        if id(module) in swapped:
+            _set_child(model, path, swapped[id(module)])
+            done.append(Replacement(path, "layer_norm", "module", module, swapped[id(module)]))
+            continue
+        for rule in RULES:
+            if rule.group in groups and rule.matches(module):
+                change = rule.apply(module, path)
+                if change is not None:
+                    if change.kind == "module":
+                        _set_child(model, path, change.new)
+                        swapped[id(module)] = change.new
+                    done.append(change)
+                break
+    return done
+
+
+def unpatch(model: nn.Module, replacements: list[Replacement]) -> None:
+    """Undo `patch(model)` given what it returned."""
+    for change in reversed(replacements):
+        if change.kind == "module":
+            _set_child(model, change.path, change.old)
+        elif change.rule == "hf_attention":
+            change.target.set_attn_implementation(change.old)
+        else:
+            change.target.attn_impl = change.old
+
+
+def _set_child(model: nn.Module, path: str, new: nn.Module) -> None:
+    if not path:
+        raise ValueError(f"cannot replace the root module {type(model).__name__} in place; patch its parent")
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, new)

@@ -1,0 +1,61 @@
+"""Ahead-of-time builds of the real (non-interpreted) kernels for sm_80 and sm_90, on a machine without a GPU.
+
+This builds the quick subset of `kernels.compile_report`: every autotuning configuration of the attention
+kernels for bfloat16 and float32 at head size 128 (the most registers), the backward preprocessing, and
+LayerNorm at its smallest, a middle and its largest block (single-pass and chunked), each for sm_80 and
+sm_90. The full set (float16/bfloat16/float32, head sizes 64/80/128, every LayerNorm block) takes about
+ten minutes on two cores; `python -m kernels.compile_report` builds it and prints the table.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from kernels import compile_report as report
+
+fa = importlib.import_module("kernels.flash_attention")
+
+
+@pytest.fixture(scope="module")
+def rows() -> list[report.CompileRow]:
+    return report.compile_report(quick=True)  # in a child process: the interpreter replaces the JIT
+
+
+@pytest.mark.slow
+def test_every_configuration_builds_without_spills_within_shared_memory(rows):
+    bad = [r for r in rows if not r.ok]
+    assert not bad, "spills or too much shared memory:\n" + report.format_table(bad)
+    for arch in report.ARCHS:
+        for kind in ("fwd", "dkdv", "dq"):
+            for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                built = {r.config for r in rows if r.arch == arch and r.kernel == f"attn_{kind}" and r.dtype == name}
+                wanted = {f"BLOCK_M={c.kwargs['BLOCK_M']} BLOCK_N={c.kwargs['BLOCK_N']} warps={c.num_warps} "
+                          f"stages={c.num_stages}" for c in fa.configs_for(kind, arch, dtype, 128)}
+                assert built == wanted
+        assert {r.kernel for r in rows if r.arch == arch} >= {"attn_bwd_preprocess", "ln_fwd", "ln_bwd"}
+
+
+@pytest.mark.slow
+def test_tensor_core_instructions(rows):
+    """16-bit attention: Hopper's uses wgmma (tiles of 64 rows and more: one warpgroup's M), Ampere's mma.sync.
+    float32 takes exact FMA products, no tensor cores."""
+    attention = [r for r in rows if r.kernel.startswith("attn_") and r.kernel != "attn_bwd_preprocess"]
+    for r in attention:
+        block_m, block_n = (int(part.split("=")[1]) for part in r.config.split()[:2])
+        if r.dtype == "fp32":
+            assert r.mma == "none", r
+        elif r.arch == 80:
+            assert r.mma == "mma", r
+        elif r.kernel != "attn_dkdv" and block_m >= 64 or r.kernel == "attn_dkdv" and block_n >= 64:
+            assert r.mma == "wgmma", r
+    assert any(r.arch == 90 and r.kernel == "attn_fwd" and r.mma == "wgmma" for r in rows)
+
+
+@pytest.mark.slow
+def test_table(rows):
+    table = report.format_table(rows)
+    assert table.splitlines()[0].split()[:5] == ["kernel", "arch", "dtype", "size", "config"]
+    assert len(table.splitlines()) == len(rows) + 2
