@@ -206,8 +206,8 @@ class GPTConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "qkv_bias": self.qkv_bias,
             "pos_embedding": self.pos_embedding,
-            "bos_token_id": 50256,
-            "eos_token_id": 50256,
+            "bos_token_id": min(50256, self.vocab_size - 1),  # GPT-2's <|endoftext|>, when the vocabulary has it
+            "eos_token_id": min(50256, self.vocab_size - 1),
         }
 
     def to_json(self, path: str | Path | None = None) -> str:

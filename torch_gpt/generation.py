@@ -65,7 +65,8 @@ def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperatur
                 logits = model(out[:, -ctx:])
             elif cache is None or cache.pos == cache.max_len:  # first step, or the window is full
                 window = out[:, -ctx:]
-                cache = KVCache(model.config, out.shape[0], ctx, device=out.device, dtype=model.wte.weight.dtype)
+                slots = min(ctx, out.shape[1] + max_new_tokens)  # never more than this call can fill
+                cache = KVCache(model.config, out.shape[0], slots, device=out.device, dtype=model.wte.weight.dtype)
                 logits = model(window, cache)
             else:
                 logits = model(out[:, -1:], cache)

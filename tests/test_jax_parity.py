@@ -1,0 +1,133 @@
+"""jax_gpt against Hugging Face GPT-2 and against torch_gpt, from one checkpoint: logits, loss, every
+gradient, greedy generation. CPU, float32, full matmul precision (conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from helpers import assert_rel_close
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import jax_gpt
+import torch_gpt
+from gpt_core.checkpoint import CONV1D_WEIGHTS
+from gpt_core.config import GPTConfig
+from jax_gpt.model import cross_entropy_loss, to_canonical
+
+VOCAB, CTX = 257, 64
+
+
+def tiny(**overrides) -> GPTConfig:
+    base = dict(vocab_size=VOCAB, context_length=CTX, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.1)
+    return GPTConfig(**(base | overrides))
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter away from its init (LayerNorm scales near 1, biases nonzero), so a mapping that
+    swaps or drops one cannot hide behind ones and zeros."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g) * 0.1
+        p.copy_(1.0 + noise if ("ln_" in name and name.endswith("weight")) else noise)
+
+
+def torch_grads(model: torch_gpt.GPTModel) -> dict[str, np.ndarray]:
+    """Gradients under canonical names and layouts (a tied head is counted once, under wte)."""
+    return {name: (p.grad.T if CONV1D_WEIGHTS.fullmatch(name) else p.grad).numpy()
+            for name, p in model.named_parameters()}
+
+
+def random_ids(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, size=shape, dtype=np.int64)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_hf_checkpoint_logits_match_hf(tmp_path, tie):
+    hf_config = GPT2Config(vocab_size=VOCAB, n_positions=CTX, n_embd=48, n_layer=2, n_head=4,
+                           tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(hf_config).eval()
+    randomize_(hf, seed=1)
+    hf.save_pretrained(tmp_path)
+    ids = random_ids((2, CTX), seed=2)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids)).logits
+
+    model = jax_gpt.GPTModel.from_pretrained(tmp_path)
+    assert model.config.tie_embeddings is tie
+    err = assert_rel_close(model(ids), expected, 1e-5, "logits vs HF")
+    print(f"HF -> jax_gpt logits rel err ({'tied' if tie else 'untied'}): {err:.2e}")
+
+
+def test_saved_checkpoint_loads_in_transformers(tmp_path):
+    model = jax_gpt.GPTModel(tiny(tie_embeddings=False, qkv_bias=True), rngs=nnx.Rngs(3))
+    model.save_pretrained(tmp_path)
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    ids = random_ids((2, CTX), seed=4)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids)).logits
+    assert_rel_close(model(ids), expected, 1e-5, "jax_gpt logits vs HF loading its checkpoint")
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv_bias", "no_qkv_bias"])
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_logits_loss_and_every_gradient_match_torch(tmp_path, tie, qkv_bias, pos):
+    config = tiny(tie_embeddings=tie, qkv_bias=qkv_bias, pos_embedding=pos)
+    torch.manual_seed(0)
+    reference = torch_gpt.GPTModel(config, attn_impl="math").eval()  # eval: dropout off on both sides
+    randomize_(reference, seed=5)
+    reference.save_pretrained(tmp_path)
+    ids, targets = random_ids((2, CTX), seed=6), random_ids((2, CTX), seed=7)
+    t_logits = reference(torch.from_numpy(ids))
+    t_loss = torch_gpt.cross_entropy_loss(t_logits, torch.from_numpy(targets))
+    t_loss.backward()
+
+    # Both jax attention impls meet the torch reference: "math" with sinusoidal positions, "xla" with learned.
+    model = jax_gpt.GPTModel.from_pretrained(tmp_path, attn_impl="math" if pos == "sinusoidal" else "xla")
+    logits = model(ids)
+    logit_err = assert_rel_close(logits, t_logits, 1e-5, "logits")
+    loss, grads = nnx.value_and_grad(lambda m: cross_entropy_loss(m(ids), targets))(model)
+    loss_err = assert_rel_close(loss, t_loss, 1e-6, "loss")
+
+    expected, actual = torch_grads(reference), to_canonical(grads)
+    assert actual.keys() == expected.keys()
+    worst = max(assert_rel_close(actual[k], expected[k], 1e-4, f"grad {k}") for k in expected)
+    print(f"tie={tie} qkv_bias={qkv_bias} {pos} ({model.attn_impl}): logits {logit_err:.2e}, loss {loss_err:.2e}, "
+          f"worst of {len(expected)} grads {worst:.2e}")
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> tuple[torch_gpt.GPTModel, jax_gpt.GPTModel]:
+    directory = tmp_path_factory.mktemp("twins")
+    torch.manual_seed(0)
+    reference = torch_gpt.GPTModel(tiny(), attn_impl="sdpa").eval()
+    randomize_(reference, seed=8)
+    reference.save_pretrained(directory)
+    return reference, jax_gpt.GPTModel.from_pretrained(directory)
+
+
+def test_greedy_generation_matches_torch_past_the_context(twins):
+    reference, model = twins
+    prompt = random_ids((2, 40), seed=9)  # 40 + 32 > CTX: the cache fills and is prefilled again
+    expected = torch_gpt.generate(reference, torch.from_numpy(prompt), 32).numpy()
+    cached = np.asarray(jax_gpt.generate(model, prompt, 32))
+    uncached = np.asarray(jax_gpt.generate(model, prompt, 32, use_cache=False))
+    np.testing.assert_array_equal(cached, expected)
+    np.testing.assert_array_equal(uncached, expected)
+
+
+def test_eos_padding_and_early_stop_match_torch(twins):
+    reference, model = twins
+    prompt = random_ids((2, 12), seed=10)
+    free = torch_gpt.generate(reference, torch.from_numpy(prompt), 20).numpy()
+    eos = int(free[0, 12 + 3])  # row 0 stops by its 4th new token; row 1 may run on
+    expected = torch_gpt.generate(reference, torch.from_numpy(prompt), 20, eos_id=eos).numpy()
+    actual = np.asarray(jax_gpt.generate(model, prompt, 20, eos_id=eos))
+    np.testing.assert_array_equal(actual, expected)
+    single = np.asarray(jax_gpt.generate(model, prompt[:1], 20, eos_id=eos))
+    stop = 12 + int(np.argmax(free[0, 12:] == eos)) + 1  # everyone done: stops early, as torch does
+    np.testing.assert_array_equal(single, free[:1, :stop])
