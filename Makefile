@@ -24,7 +24,8 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m torch_gpt.demo
+	mkdir -p bench_results
+	$(PY) -m bench --json bench_results/bench.json --csv bench_results/bench.csv --plot bench_results/bench.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

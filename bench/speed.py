@@ -29,6 +29,7 @@ class Setup:
     dtype: str
     repeats: int
     decode_tokens: int
+    prompt_len: int  # generation phases: the prompt, short enough that no step passes the context
     peak: float | None  # FLOP/s the MFU column divides by
     peak_source: str
 
@@ -76,11 +77,16 @@ def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "
     bad = [p for p in phases if p not in PHASES]
     if bad:
         raise ValueError(f"unknown phase(s) {bad}; choose from {PHASES}")
+    if decode_tokens + 2 > config.context_length:
+        raise ValueError(f"decode_tokens {decode_tokens} leaves no room for a prompt in the context of "
+                         f"{config.context_length}")
+    # Past the context every step would prefill the window again: time generation inside it.
+    prompt_len = min(seq_len, config.context_length - decode_tokens - 1)
     config = dataclasses.replace(config, drop_rate=0.0)
     twins.set_precision("highest")
     progress("speed: measuring the device peak")
     peak, source = device_peak(dtype)
-    s = Setup(config, batch, seq_len, dtype, repeats, decode_tokens, peak, source)
+    s = Setup(config, batch, seq_len, dtype, repeats, decode_tokens, prompt_len, peak, source)
     rows = []
     for impl in impls:
         progress(f"speed: {impl}")
@@ -88,26 +94,28 @@ def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "
     return rows
 
 
-def _row(s: Setup, impl: str, phase: str, t: timing.Timing | None, tokens: int, flops_per_token: float,
+def _row(s: Setup, impl: str, phase: str, tm: timing.Timing | None, tokens: int, flops_per_token: float,
          compile_s: float | None, mem: float | None, note: str = "") -> Row:
-    shape = f"B={s.batch} T={s.seq_len}" + (f" +{s.decode_tokens}" if phase == "decode" else "")
-    if t is None:
+    t = s.prompt_len if phase in ("prefill", "decode") else s.seq_len
+    shape = f"B={s.batch} T={t}" + (f" +{s.decode_tokens}" if phase == "decode" else "")
+    if tm is None:
         return Row("speed", phase, impl, s.dtype, shape, {}, "SKIP", note)
-    achieved = tokens * flops_per_token / t.median
-    m = {"ms": t.median * 1e3, "spread": t.spread, "tokens_per_s": tokens / t.median, "tflops": achieved / 1e12,
+    achieved = tokens * flops_per_token / tm.median
+    m = {"ms": tm.median * 1e3, "spread": tm.spread, "tokens_per_s": tokens / tm.median, "tflops": achieved / 1e12,
          "mfu": achieved / s.peak if s.peak else None, "compile_s": compile_s, "peak_mem_mb": mem}
     return Row("speed", phase, impl, s.dtype, shape, m, "", note or f"MFU vs {s.peak_source}")
 
 
 def _flops(s: Setup, phase: str) -> float:
-    train = s.config.flops_per_token(s.seq_len)
-    if phase in ("forward", "prefill"):
-        return train / 3
-    if phase == "decode":  # one token attending to the prompt and what was generated before it
-        ctx = s.seq_len + s.decode_tokens / 2
-        return (train - 12 * s.config.n_layers * s.seq_len * s.config.emb_dim) / 3 + \
-            4 * s.config.n_layers * ctx * s.config.emb_dim
-    return train
+    c = s.config
+    if phase == "forward":
+        return c.flops_per_token(s.seq_len) / 3
+    if phase == "prefill":
+        return c.flops_per_token(s.prompt_len) / 3
+    if phase == "decode":  # one token attending to the prompt and, on average, half the generated ones
+        ctx = s.prompt_len + s.decode_tokens / 2
+        return (c.flops_per_token(0) + 12 * c.n_layers * ctx * c.emb_dim) / 3
+    return c.flops_per_token(s.seq_len)
 
 
 def _compile_time(first_call_s: float, steady: timing.Timing) -> float:
@@ -148,8 +156,10 @@ def _torch_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
         opt.step()
         return loss
 
+    prompt = x[:, : s.prompt_len]
+
     def gen(n):
-        return lambda: torch_gpt.generate(model, x, n)
+        return lambda: torch_gpt.generate(model, prompt, n)
 
     fns = {"forward": forward, "forward+backward": fwd_bwd, "train step": train_step}
     rows = []
@@ -160,7 +170,7 @@ def _torch_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
             rows.append(_row(s, impl, phase, None, 0, 0, None, None,
                              "generation runs eagerly (its cache shapes change every step)"))
         elif phase == "prefill":
-            rows.append(_timed(s, impl, phase, gen(1), timing.torch_sync, device, s.batch * s.seq_len))
+            rows.append(_timed(s, impl, phase, gen(1), timing.torch_sync, device, s.batch * s.prompt_len))
         elif phase == "decode":
             rows.append(_decode(s, impl, gen(1), gen(1 + s.decode_tokens), timing.torch_sync, device))
     return rows
@@ -234,6 +244,7 @@ def _jax_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    prompt = x[:, : s.prompt_len]
     programs = {"forward": (lambda p, x: nnx.merge(graphdef, p, rest)(x), (params, x)),
                 "forward+backward": (jax.value_and_grad(loss_fn), (params, x, y)),
                 "train step": (train_step, (params, opt_state, x, y))}
@@ -247,9 +258,9 @@ def _jax_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
             rows.append(_timed(s, impl, phase, lambda exe=exe, args=args: exe(*args), timing.jax_sync, "jax",
                                s.batch * s.seq_len, compile_s))
         elif phase == "prefill":
-            rows.append(_timed(s, impl, phase, lambda: jax_gpt.generate(model, x, 1), timing.jax_sync, "jax",
-                               s.batch * s.seq_len))
+            rows.append(_timed(s, impl, phase, lambda: jax_gpt.generate(model, prompt, 1), timing.jax_sync, "jax",
+                               s.batch * s.prompt_len))
         elif phase == "decode":
-            rows.append(_decode(s, impl, lambda: jax_gpt.generate(model, x, 1),
-                                lambda: jax_gpt.generate(model, x, 1 + s.decode_tokens), timing.jax_sync, "jax"))
+            rows.append(_decode(s, impl, lambda: jax_gpt.generate(model, prompt, 1),
+                                lambda: jax_gpt.generate(model, prompt, 1 + s.decode_tokens), timing.jax_sync, "jax"))
     return rows
