@@ -59,7 +59,8 @@ def device_peak(dtype: str) -> tuple[float | None, str]:
         return peak, f"datasheet {name}" if peak else f"unknown GPU {name}: no MFU"
     peaks = timing.cpu_matmul_peak(dtype)
     best = max(peaks, key=peaks.get)
-    return peaks[best], f"measured 2048^3 {dtype} matmul on this CPU ({best}, {peaks[best] / 1e9:.1f} GFLOP/s)"
+    each = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
+    return peaks[best], f"CPU peak: best 2048^3 {dtype} matmul measured now ({each} GFLOP/s)"
 
 
 def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "float32", repeats: int = 5,
