@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     com.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default 80 and 90)")
     com.add_argument("--quick", action="store_true", help="a subset of configurations (bf16/fp32, D 64 and 128)")
+    com.add_argument("--kernel", default=None, help="one kernel only, e.g. attn_fwd, ln_fwd")
     add_common(com)
     return p
 
@@ -119,7 +120,7 @@ def run_compile(args) -> list[report.Row]:
     from bench import kernel_bench
 
     return kernel_bench.compile_rows(archs=tuple(args.arch) if args.arch else (80, 90), quick=args.quick,
-                                     progress=progress)
+                                     only=args.kernel, progress=progress)
 
 
 # `python -m bench` with no subcommand: each suite on its defaults, the Triton ones on their quick subsets,

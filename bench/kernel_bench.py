@@ -41,14 +41,14 @@ def run(repeats: int = 10, quick: bool = False, progress: Callable[[str], Any] =
     return [Row(**r) for r in json.loads(done.stdout)]
 
 
-def compile_rows(archs: tuple[int, ...] = (80, 90), quick: bool = False,
+def compile_rows(archs: tuple[int, ...] = (80, 90), quick: bool = False, only: str | None = None,
                  progress: Callable[[str], Any] = lambda m: None) -> list[Row]:
     """The ahead-of-time resource report as rows; FAIL where a configuration spills or overflows shared memory."""
     from kernels.compile_report import compile_report
 
     progress(f"compile: building every kernel configuration for {', '.join(f'sm_{a}' for a in archs)} (no GPU)")
     rows = []
-    for r in compile_report(quick=quick, archs=archs):
+    for r in compile_report(quick=quick, archs=archs, only=only):
         fast = {80: "mma", 90: "wgmma"}.get(r.arch)
         rows.append(Row("compile", r.kernel, f"sm_{r.arch}", r.dtype, r.size,
                         {"config": r.config, "registers": r.registers, "spill_bytes": r.spill_bytes,

@@ -190,27 +190,32 @@ def _build_job(job: tuple[_Variant, int]) -> CompileRow:
     return _build(*job)
 
 
-def _build_all(quick: bool, archs: tuple[int, ...]) -> list[CompileRow]:
-    jobs = [(v, arch) for arch in archs for v in _variants(arch, quick)]
+def _build_all(quick: bool, archs: tuple[int, ...], only: str | None = None) -> list[CompileRow]:
+    jobs = [(v, arch) for arch in archs for v in _variants(arch, quick) if only is None or v.kernel == only]
+    if not jobs:
+        raise ValueError(f"no kernel named {only!r}; kernels: {sorted({v.kernel for v in _variants(archs[0], quick)})}")
     # One process per core: ptxas and Triton's passes are single-threaded.
     with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_build_job, jobs))
 
 
-def compile_report(quick: bool = False, archs: tuple[int, ...] = ARCHS) -> list[CompileRow]:
+def compile_report(quick: bool = False, archs: tuple[int, ...] = ARCHS, only: str | None = None) -> list[CompileRow]:
     """Compile every kernel configuration for each architecture in `archs` (no GPU needed); one row each.
 
     `quick` builds a subset (see `_variants`): bfloat16 and float32, attention mostly at head size 128.
+    `only` keeps one kernel (e.g. "ln_fwd").
     """
     from kernels import utils
 
     if not utils.interpreting():
-        return _build_all(quick, archs)
+        return _build_all(quick, archs, only)
     cmd = [sys.executable, "-m", "kernels.compile_report", "--json", "--archs", *map(str, archs)]
-    cmd += ["--quick"] if quick else []
+    cmd += (["--quick"] if quick else []) + (["--only", only] if only else [])
     env = dict(os.environ, TRITON_INTERPRET="0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode == 2:  # a bad argument, reported by the child
+        raise ValueError(done.stderr.strip().removeprefix("error: "))
     if done.returncode != 0:
         raise RuntimeError(f"ahead-of-time build failed:\n{done.stderr[-4000:]}")
     return [CompileRow(**row) for row in json.loads(done.stdout)]
@@ -232,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a subset: bf16/fp32, attention at D=128")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
+    parser.add_argument("--only", default=None, help="build one kernel only, e.g. ln_fwd")
     args = parser.parse_args(argv)
-    rows = compile_report(quick=args.quick, archs=tuple(args.archs))
+    try:
+        rows = compile_report(quick=args.quick, archs=tuple(args.archs), only=args.only)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps([dataclasses.asdict(r) for r in rows]) if args.json else format_table(rows))
     return 0 if args.json or all(r.ok for r in rows) else 1
 

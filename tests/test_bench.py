@@ -75,3 +75,12 @@ def test_help_and_bad_flags():
     assert out.returncode == 2 and "cannot run here" in out.stderr
     out = run_cli("parity", "--preset", "tiny", "--seq-len", "0")
     assert out.returncode == 2 and "--seq-len must be >= 1" in out.stderr
+
+
+def test_compile_report_for_one_kernel(tmp_path):
+    out = tmp_path / "compile.json"
+    assert main(["compile", "--kernel", "ln_fwd", "--arch", "80", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and {r["name"] for r in rows} == {"ln_fwd"} and {r["impl"] for r in rows} == {"sm_80"}
+    assert all(r["status"] == "PASS" and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
+    assert main(["compile", "--kernel", "no_such_kernel", "--arch", "80", "--quick"]) == 2
