@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from gpt_core.generation import check_sampling_args
 from jax_gpt.model import GPTModel, KVCache, check_ids
 
 
@@ -44,15 +45,6 @@ def sample_next(logits: jax.Array, temperature: float | jax.Array, top_k: int | 
         logits = jnp.put_along_axis(logits, order, jnp.where(drop, -jnp.inf, sorted_logits), axis=-1,
                                     inplace=False)
     return jax.random.categorical(key, logits, axis=-1)
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def generate(model: GPTModel, idx: jax.Array, max_new_tokens: int, temperature: float = 0.0,

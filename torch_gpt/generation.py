@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from gpt_core.generation import check_sampling_args
 from torch_gpt.model import GPTModel, KVCache
 
 
@@ -29,15 +30,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 @torch.inference_mode()
