@@ -96,3 +96,12 @@ def test_errors_before_any_work(setup, tmp_path, capsys, extra, match):
     assert jax_main(args + ["--out", str(tmp_path / "o")] + extra) == 2
     assert match in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_bfloat16_compute_runs_close_to_float32(setup):
+    d, args = setup
+    args = args + ["--steps", "3"]
+    assert jax_main(args + ["--out", str(d / "j_f32")]) == 0
+    assert jax_main(args + ["--out", str(d / "j_bf16"), "--dtype", "bfloat16"]) == 0
+    ref, got = losses(d / "j_f32")[0], losses(d / "j_bf16")[0]
+    assert got != ref and max_rel(ref, got) < 1e-2

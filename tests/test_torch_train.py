@@ -122,3 +122,17 @@ def test_short_text_and_mismatched_resume(setup, tmp_path, capsys):
     assert main(bad + ["--out", str(tmp_path / "r"), "--resume"]) == 2
     assert "n_layers" in capsys.readouterr().err
     assert main(args + ["--out", str(tmp_path / "nothing"), "--resume"]) == 2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_runs_close_to_float32(setup, dtype):
+    """Autocast (and, for float16, the gradient scaler) change the numbers a little, not the run."""
+    d, args = setup
+    args = [a if a != "8" else "3" for a in args]  # 3 steps
+    if not (d / "f32_3").exists():
+        assert main(args + ["--out", str(d / "f32_3")]) == 0
+    assert main(args + ["--out", str(d / dtype), "--dtype", dtype]) == 0
+    ref, got = losses(d / "f32_3")[0], losses(d / dtype)[0]
+    assert len(got) == 3 and all(x == x for x in got)
+    assert got != ref  # reduced precision really ran
+    assert max(abs(a - b) / a for a, b in zip(ref, got, strict=True)) < 1e-2

@@ -164,6 +164,8 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
         stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed, **trainer_state["data"])
         if "torch_cpu" in trainer_state["rng"]:
             torch.set_rng_state(torch.tensor(trainer_state["rng"]["torch_cpu"], dtype=torch.uint8))
+            if "torch_cuda" in trainer_state["rng"] and torch.device(device).type == "cuda":
+                torch.cuda.set_rng_state(torch.tensor(trainer_state["rng"]["torch_cuda"], dtype=torch.uint8))
         elif config.drop_rate > 0:
             print("note: the checkpoint has no torch RNG state (a JAX run?): dropout masks start afresh")
     model.to(device)
@@ -195,8 +197,11 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
 
     def save(step: int) -> None:
         if rank == 0:
-            trainer_state = {"step": step, "data": stream.position(), "framework": "torch",
-                             "rng": {"torch_cpu": torch.get_rng_state().tolist()}, "args": vars(args)}
+            rng = {"torch_cpu": torch.get_rng_state().tolist()}
+            if device_type == "cuda":  # dropout masks on the GPU come from its own generator
+                rng["torch_cuda"] = torch.cuda.get_rng_state().tolist()
+            trainer_state = {"step": step, "data": stream.position(), "framework": "torch", "rng": rng,
+                             "args": vars(args)}
             save_training_checkpoint(out / "checkpoint", config, model.canonical_state(),
                                      optimizer_state(model, opt), trainer_state)
 
