@@ -102,48 +102,59 @@ def jax_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
     return np.asarray(logits, np.float32), float(loss), to_canonical(grads)
 
 
-def torch_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, weight_decay: float
-                       ) -> list[float]:
-    """Losses of AdamW steps (decay on >=2-D weights), one per batch, dropout off; trains in place."""
+def optimizer_args(lr: float, weight_decay: float, grad_clip: float = 1.0):
+    """The trainers' optimizer flags (gpt_core.training's defaults otherwise), for their make_optimizer."""
+    from gpt_core.training import build_parser
+
+    return build_parser("bench", "").parse_args(["--lr", str(lr), "--weight-decay", str(weight_decay),
+                                                  "--grad-clip", str(grad_clip)])
+
+
+def torch_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], args) -> list[float]:
+    """Losses of torch_gpt.train's optimizer steps (AdamW, decay on >=2-D weights, global-norm clipping)
+    at the constant `args.lr`, one per batch, dropout off; trains the model in place."""
     import torch
 
     from torch_gpt import cross_entropy_loss
+    from torch_gpt.train import make_optimizer
 
     model.eval()  # dropout off: the two sides' dropout masks could never agree
-    params = list(model.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = make_optimizer(model, args)
     dev = model.wte.weight.device
     losses = []
     for x, y in batches:
         loss = cross_entropy_loss(model(torch.from_numpy(x).to(dev)), torch.from_numpy(y).to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
     return losses
 
 
-def jax_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], lr: float, weight_decay: float
-                     ) -> list[float]:
+def jax_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], args) -> list[float]:
+    """The same steps through jax_gpt.train's optimizer (its updates scaled by the learning rate)."""
     import jax
-    import optax
     from flax import nnx
 
     from jax_gpt.model import cross_entropy_loss
+    from jax_gpt.train import make_optimizer
 
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    tx = optax.adamw(lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=weight_decay, mask=decay_mask)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(args)
 
-    @nnx.jit
-    def step(model, opt, x, y):
-        loss, grads = nnx.value_and_grad(lambda m: cross_entropy_loss(m(x), y))(model)
-        opt.update(model, grads)
-        return loss
+    @jax.jit
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(lambda p: cross_entropy_loss(nnx.merge(graphdef, p, rest)(x), y))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return jax.tree.map(lambda p, u: p - args.lr * u, params, updates), opt_state, loss
 
-    return [float(step(model, opt, x, y)) for x, y in batches]
+    opt_state, losses = tx.init(params), []
+    for x, y in batches:
+        params, opt_state, loss = step(params, opt_state, x, y)
+        losses.append(float(loss))
+    nnx.update(model, params)
+    return losses
 
 
 def greedy_tokens(tw: Twins, prompt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
