@@ -89,3 +89,14 @@ def test_mis_shaped_hf_checkpoint_lists_problems(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing tensor h.2.ln_1.weight"):
         GPTModel.from_pretrained(tmp_path / "hf")
+
+
+def test_sharded_hf_checkpoint_loads(tmp_path):
+    hf = small_hf_model()
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="50KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    model = GPTModel.from_pretrained(tmp_path / "sharded")
+    idx = torch.randint(0, 203, (1, 9))
+    with torch.no_grad():
+        assert_rel_close(model(idx), hf(idx).logits, 1e-5, "logits from a sharded checkpoint")
