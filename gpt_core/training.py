@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -238,6 +239,26 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) asks the training loop to stop at its next step boundary, never inside a step, so
+    the checkpoint written then is exact; a second Ctrl-C aborts at once. A context manager."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __enter__(self) -> StopFlag:
+        self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._old)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 class Throughput:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from functools import partial
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from gpt_core.training import (
     BatchStream,
     RunWriter,
+    StopFlag,
     Throughput,
     build_parser,
     check_args,
@@ -278,19 +278,12 @@ def train(args, config, data, resume, mesh) -> int:
 
     stop = steps if args.stop_after is None else min(steps, start + args.stop_after)
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not lead or args.no_progress)
-    interrupted = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if interrupted["requested"]:
-            raise KeyboardInterrupt
-        interrupted["requested"] = True  # stop at the next step boundary: the checkpoint is exact
-
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    interrupted = StopFlag()
     clock = Throughput()
     batches = iter(stream)
     step = start
-    try:
-        while step < stop and not interrupted["requested"]:
+    with interrupted:
+        while step < stop and not interrupted.requested:
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, steps)
             x, y = next(batches)
             params, opt_state, rest, loss, norm = train_step(params, opt_state, rest, put_batch(x), put_batch(y),
@@ -309,12 +302,10 @@ def train(args, config, data, resume, mesh) -> int:
                     print(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
             if args.ckpt_every and step % args.ckpt_every == 0:
                 save(step)
-    finally:
-        signal.signal(signal.SIGINT, old_handler)
     bar.close()
     save(step)
     writer.close()
-    if interrupted["requested"]:
+    if interrupted.requested:
         if lead:
             print(f"interrupted at step {step}: checkpoint written to {out / 'checkpoint'}; continue with --resume")
         return 130

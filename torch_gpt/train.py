@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from gpt_core.tokenizer import encode_text
 from gpt_core.training import (
     BatchStream,
     RunWriter,
+    StopFlag,
     Throughput,
     build_parser,
     check_args,
@@ -81,32 +81,13 @@ def load_optimizer_state(model: GPTModel, opt: torch.optim.AdamW, moments: dict[
         opt.state[p] = st
 
 
-class StopFlag:
-    """Ctrl-C (SIGINT) asks the loop to stop at the next step boundary, never inside a step, so the
-    checkpoint written then is exact; a second Ctrl-C aborts at once. Ranks agree on stopping."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __enter__(self) -> StopFlag:
-        self._old = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._old)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def agreed(self, world: int, device: str) -> bool:
-        if world == 1:
-            return self.requested
-        flag = torch.tensor(float(self.requested), device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.requested = bool(flag)
-        return self.requested
+def agree_to_stop(flag: StopFlag, world: int, device: str) -> bool:
+    """True once any rank has been asked to stop: all ranks must leave the loop at the same step."""
+    if world > 1:
+        t = torch.tensor(float(flag.requested), device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag.requested = bool(t)
+    return flag.requested
 
 
 def setup_distributed(device: str) -> tuple[int, int, str]:
@@ -212,7 +193,7 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
     batches = iter(stream)
     step = start
     with interrupted:
-        while step < stop and not interrupted.agreed(world, device):
+        while step < stop and not agree_to_stop(interrupted, world, device):
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, steps)
             for g in opt.param_groups:
                 g["lr"] = lr
