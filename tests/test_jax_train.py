@@ -105,3 +105,22 @@ def test_bfloat16_compute_runs_close_to_float32(setup):
     assert jax_main(args + ["--out", str(d / "j_bf16"), "--dtype", "bfloat16"]) == 0
     ref, got = losses(d / "j_f32")[0], losses(d / "j_bf16")[0]
     assert got != ref and max_rel(ref, got) < 1e-2
+
+
+def test_ctrl_c_writes_an_exact_checkpoint(setup):
+    import signal
+    import time
+
+    d, args = setup
+    out = d / "j_interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "jax_gpt.train", *args, "--steps", "100000", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None, "the run ended or stalled before step 2"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == len(losses(out)[0]) >= 2 and "continue with --resume" in stdout
