@@ -195,13 +195,25 @@ def validation_batches(data: Data, batch_size: int, n_batches: int) -> list[tupl
 
 
 class RunWriter:
-    """Appends metrics.jsonl lines (flushed, so a crash keeps every finished step) and draws loss.png."""
+    """Appends metrics.jsonl lines (flushed, so a crash keeps every finished step) and draws loss.png.
 
-    def __init__(self, out: Path, enabled: bool = True, append: bool = False):
+    `resume_step`: continuing from a checkpoint at that step, so lines of later steps (written after the
+    checkpoint by a run that then died) are dropped: they will be written again.
+    """
+
+    def __init__(self, out: Path, enabled: bool = True, resume_step: int | None = None):
         self.out, self.enabled = out, enabled
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
-            self._f = open(out / "metrics.jsonl", "a" if append else "w")
+            path = out / "metrics.jsonl"
+            kept = []
+            if resume_step is not None and path.exists():
+                for line in path.read_text().split("\n")[:-1]:  # whole lines only
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line + "\n")
+            self._f = open(path, "w")
+            self._f.writelines(kept)
+            self._f.flush()
 
     def log(self, **row: Any) -> None:
         if self.enabled:

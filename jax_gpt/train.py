@@ -254,7 +254,7 @@ def train(args, config, data, resume, mesh) -> int:
     lead = jax.process_index() == 0
     n_sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
     out = Path(args.out)
-    writer = RunWriter(out, enabled=lead, append=resume is not None)
+    writer = RunWriter(out, enabled=lead, resume_step=start if resume is not None else None)
     val = validation_batches(data, micro, args.eval_batches)
     if lead:
         print(f"jax_gpt: {config.n_params:,} parameters, {len(data.train_x)} windows of {data.train_x.shape[1]} "

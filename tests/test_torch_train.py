@@ -51,7 +51,11 @@ def test_resume_is_exact(setup):
     main(args + ["--out", str(d / "full")])
     assert main(args + ["--out", str(d / "split"), "--stop-after", "3"]) == 0
     assert len(losses(d / "split")[0]) == 3
+    with open(d / "split" / "metrics.jsonl", "a") as f:  # as if the run had gone on past its checkpoint, then died
+        f.write(json.dumps({"kind": "train", "step": 4, "loss": 99.0}) + "\n")
     assert main(args + ["--out", str(d / "split"), "--resume"]) == 0
+    steps = [r["step"] for r in losses(d / "split")[1] if r["kind"] == "train"]
+    assert steps == list(range(1, 9))  # the dead run's step 4 was dropped, not duplicated
     full, split = losses(d / "full")[0], losses(d / "split")[0]
     assert len(split) == 8
     assert max(abs(a - b) / abs(a) for a, b in zip(full, split, strict=True)) <= 1e-6

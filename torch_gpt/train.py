@@ -163,7 +163,7 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
     shard = slice(rank * micro // world, (rank + 1) * micro // world)  # this rank's rows of a micro-batch
     val = validation_batches(data, micro, args.eval_batches)
     out = Path(args.out)
-    writer = RunWriter(out, enabled=rank == 0, append=resume is not None)
+    writer = RunWriter(out, enabled=rank == 0, resume_step=start if resume is not None else None)
     if rank == 0:
         print(f"torch_gpt: {config.n_params:,} parameters, {len(data.train_x)} windows of {data.train_x.shape[1]} "
               f"tokens, {steps} steps of {args.batch_size} on {world} x {device}, {args.dtype}")
