@@ -53,8 +53,10 @@ def train_val_split(token_ids: Sequence[int] | np.ndarray, val_fraction: float =
 
 
 def iterate_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, *, shuffle: bool = True,
-                    seed: int = 0, drop_last: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """One epoch of (inputs, targets) batches, each (batch_size, T); order shuffled from `seed`."""
+                    seed: int = 0, drop_last: bool = True, start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch of (inputs, targets) batches, each (batch_size, T); order shuffled from `seed`.
+
+    `start` skips the epoch's first batches (resuming mid-epoch) without building them."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(inputs) != len(targets):
@@ -64,6 +66,6 @@ def iterate_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, *,
                          "(with drop_last=True no batch would be produced)")
     order = np.random.default_rng(seed).permutation(len(inputs)) if shuffle else np.arange(len(inputs))
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    for i in range(0, stop, batch_size):
+    for i in range(start * batch_size, stop, batch_size):
         idx = order[i:i + batch_size]
         yield inputs[idx], targets[idx]

@@ -174,11 +174,9 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         while True:
-            batches = iterate_batches(self.x, self.y, self.batch_size, seed=self.seed + self.epoch)
-            for i, batch in enumerate(batches):
-                if i < self.index:
-                    continue
-                self.index = i + 1
+            for batch in iterate_batches(self.x, self.y, self.batch_size, seed=self.seed + self.epoch,
+                                         start=self.index):
+                self.index += 1
                 yield batch
             self.epoch, self.index = self.epoch + 1, 0
 

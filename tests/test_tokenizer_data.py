@@ -89,6 +89,8 @@ def test_batches_are_seeded_and_drop_last():
     assert len(a) == 4 and all(bx.shape == (5, 4) for bx, _ in a)
     assert all((p[0] == q[0]).all() for p, q in zip(a, b, strict=True))
     assert not all((p[0] == q[0]).all() for p, q in zip(a, c, strict=True))
+    resumed = list(iterate_batches(x, y, 5, seed=1, start=2))  # mid-epoch: the same order, from batch 2
+    assert len(resumed) == 2 and all((p[0] == q[0]).all() for p, q in zip(resumed, a[2:], strict=True))
     seen = np.concatenate([bx[:, 0] for bx, _ in a])
     assert len(set(seen.tolist())) == 20  # no window twice in an epoch
     assert all((by == bx + 1).all() for bx, by in a)  # pairs stay together

@@ -130,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args, config, data, resume, rank: int, world: int, device: str) -> int:
     torch.manual_seed(args.seed)
-    model = GPTModel(config, attn_impl=args.attn_impl)
     if args.init_from is not None and resume is None:
         model = GPTModel.from_pretrained(args.init_from, attn_impl=args.attn_impl).train()
+    else:
+        model = GPTModel(config, attn_impl=args.attn_impl)
     opt = make_optimizer(model, args)
     steps = total_steps(args, len(data.train_x))
     stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed)
@@ -229,16 +230,13 @@ def train(args, config, data, resume, rank: int, world: int, device: str) -> int
                     print(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
             if args.ckpt_every and step % args.ckpt_every == 0:
                 save(step)
-    if interrupted.requested:
-        bar.close()
-        save(step)
-        writer.close()
-        if rank == 0:
-            print(f"interrupted at step {step}: checkpoint written to {out / 'checkpoint'}; continue with --resume")
-        return 130
     bar.close()
     save(step)
     writer.close()
+    if interrupted.requested:
+        if rank == 0:
+            print(f"interrupted at step {step}: checkpoint written to {out / 'checkpoint'}; continue with --resume")
+        return 130
     if rank == 0:
         if step < steps:
             print(f"stopped at step {step} of {steps}: continue with --resume")
