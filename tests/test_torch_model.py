@@ -135,6 +135,8 @@ def test_save_and_load_round_trip(tmp_path):
         m.save_pretrained(tmp_path / "m")
         m2 = GPTModel.from_pretrained(tmp_path / "m", attn_impl="math").eval()
         assert m2.config == cfg and m2.attn_impl == "math"
+        assert (m2.lm_head.weight is m2.wte.weight) == cfg.tie_embeddings  # still tied after the meta-device load
+        assert all(t.device.type == "cpu" for t in [*m2.parameters(), *m2.buffers()])
         idx = torch.randint(0, cfg.vocab_size, (2, 11))
         assert torch.equal(m(idx), GPTModel.from_pretrained(tmp_path / "m")(idx))
         assert_rel_close(m2(idx), m(idx), 1e-5, "logits after reload")

@@ -92,7 +92,7 @@ def test_ddp_two_processes_equal_one(setup):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "torch_gpt.train", *args, "--out", str(d / "ddp")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-3000:]}"
     single, ddp = losses(d / "single")[0], losses(d / "ddp")[0]
     assert len(ddp) == 8
     assert max(abs(a - b) / abs(a) for a, b in zip(single, ddp, strict=True)) <= 1e-5

@@ -97,13 +97,18 @@ class SinusoidalPositions(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        pos = torch.arange(config.context_length, dtype=torch.float64)[:, None]  # (ctx, 1)
-        freq = torch.exp(-math.log(10000.0) * torch.arange(0, config.emb_dim, 2, dtype=torch.float64)
-                         / config.emb_dim)  # (ceil(C/2),)
-        table = torch.zeros(config.context_length, config.emb_dim, dtype=torch.float64)
+        self.config = config
+        self.register_buffer("table", self.make_table(), persistent=False)
+
+    def make_table(self) -> torch.Tensor:
+        c = self.config
+        pos = torch.arange(c.context_length, dtype=torch.float64)[:, None]  # (ctx, 1)
+        freq = torch.exp(-math.log(10000.0) * torch.arange(0, c.emb_dim, 2, dtype=torch.float64)
+                         / c.emb_dim)  # (ceil(C/2),)
+        table = torch.zeros(c.context_length, c.emb_dim, dtype=torch.float64)
         table[:, 0::2] = torch.sin(pos * freq)
-        table[:, 1::2] = torch.cos(pos * freq)[:, : config.emb_dim // 2]
-        self.register_buffer("table", table.float(), persistent=False)
+        table[:, 1::2] = torch.cos(pos * freq)[:, : c.emb_dim // 2]
+        return table.float()
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.table[positions]
@@ -253,8 +258,8 @@ class GPTModel(nn.Module):
         own = self.state_dict()
         with torch.no_grad():
             for name, a in state.items():
-                a = a.T if CONV1D_WEIGHTS.fullmatch(name) else a
-                own[name].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+                t = torch.from_numpy(a)
+                own[name].copy_(t.T if CONV1D_WEIGHTS.fullmatch(name) else t)  # copy_ reads the strided view
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_checkpoint(directory, self.config, self.canonical_state())
@@ -272,7 +277,15 @@ class GPTModel(nn.Module):
                 raise FileNotFoundError(f"{directory} has neither model.safetensors nor {TORCH_BIN_FILE}")
             tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
             raw = {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
-        model = cls(config, **runtime)
+        # Built on the meta device and given uninitialised storage: every parameter is overwritten (or the load
+        # fails) below, and initialising gpt2-xl's 1.5B parameters first would take longer than reading them.
+        with torch.device("meta"):
+            model = cls(config, **runtime)
+        model.to_empty(device="cpu")
+        if config.tie_embeddings:  # to_empty gives each module its own new tensor
+            model.lm_head.weight = model.wte.weight
+        if isinstance(model.wpe, SinusoidalPositions):  # a computed buffer, not in any checkpoint
+            model.wpe.table = model.wpe.make_table()
         model.load_canonical_state(raw, source=str(directory))
         return model.to(device=device, dtype=dtype).eval()  # as transformers does: ready for inference
 

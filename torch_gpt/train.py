@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import sys
@@ -122,7 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return train(args, config, data, resume, rank, world, device)
+        code = train(args, config, data, resume, rank, world, device)
+        if world > 1:
+            # Rank 0 still writes the checkpoint and a sample while the others are done: tearing gloo down
+            # under a peer that is still working, or leaving the DDP reducer's pending work to interpreter
+            # shutdown, aborts the process ("terminate called without an active exception").
+            gc.collect()
+            dist.barrier()
+        return code
     finally:
         if world > 1:
             dist.destroy_process_group()
