@@ -61,6 +61,15 @@ def test_resume_is_exact(setup):
     assert max(abs(a - b) / abs(a) for a, b in zip(full, split, strict=True)) <= 1e-6
 
 
+def test_compile_trains_the_same(setup):
+    d, args = setup
+    assert main(args + ["--out", str(d / "eager")]) == 0
+    assert main(args + ["--out", str(d / "compiled"), "--compile"]) == 0
+    eager, compiled = losses(d / "eager")[0], losses(d / "compiled")[0]
+    assert len(compiled) == 8
+    assert max(abs(a - b) / abs(a) for a, b in zip(eager, compiled, strict=True)) <= 1e-5
+
+
 def test_ctrl_c_writes_a_checkpoint(setup):
     d, args = setup
     out = d / "interrupted"
