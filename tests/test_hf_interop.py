@@ -64,11 +64,13 @@ def test_pickled_code_in_bin_is_refused(tmp_path):
         GPTModel.from_pretrained(d)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_our_checkpoint_loads_into_transformers(tmp_path, tie):
+@pytest.mark.parametrize("tie, qkv_bias", [(True, True), (False, True), (True, False)])
+def test_our_checkpoint_loads_into_transformers(tmp_path, tie, qkv_bias):
+    # Without a qkv bias the file has no c_attn.bias: transformers reports it missing and zero-initialises
+    # it (GPT-2's init), which computes the same function.
     torch.manual_seed(1)
     cfg = GPTConfig(vocab_size=203, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
-                    qkv_bias=True, tie_embeddings=tie)
+                    qkv_bias=qkv_bias, tie_embeddings=tie)
     model = GPTModel(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
