@@ -3,8 +3,12 @@
 The flags, data order, schedule and outputs are those of `torch_gpt.train` (see gpt_core/training.py), so
 the two trainers' runs compare step by step. Devices: a `Mesh` with one `data` axis over every visible
 device (or `--devices N`); each batch is sharded over it, parameters are replicated, or with `--fsdp`
-sharded along their first dimension together with the optimizer state. With `--distributed` (or
-JAX_COORDINATOR_ADDRESS set) `jax.distributed.initialize()` joins the hosts of a multi-host job first.
+sharded along their first dimension together with the optimizer state. Multi-host: every process runs
+this command; `--distributed` lets `jax.distributed.initialize()` find the job from its cluster (SLURM,
+Open MPI, Kubernetes, Cloud TPU), and `--coordinator HOST:PORT --num-processes N --process-id I` (or
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) start one anywhere. The mesh then spans the
+devices of every process, each process feeds its own devices' rows of the batch, and the first writes
+the outputs.
 """
 
 from __future__ import annotations
@@ -41,8 +45,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j.add_argument("--attn-impl", default="xla", choices=["math", "xla", "cudnn"])
     j.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     j.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the data axis")
-    j.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    j.add_argument("--distributed", action="store_true",
+                   help="join a multi-host job: jax.distributed.initialize() detects SLURM, Open MPI, Kubernetes, TPU")
+    j.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), metavar="HOST:PORT",
+                   help="multi-host without a detected cluster: process 0's address (env JAX_COORDINATOR_ADDRESS)")
+    j.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+                   help="with --coordinator: processes in the job (env JAX_NUM_PROCESSES)")
+    j.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+                   help="with --coordinator: this process's index, 0 to N-1 (env JAX_PROCESS_ID)")
     return p.parse_args(argv)
+
+
+def _env_int(name: str) -> int | None:
+    return int(os.environ[name]) if os.environ.get(name) else None
+
+
+def join_job(args) -> None:
+    """`jax.distributed.initialize` when the flags or the environment ask for a multi-host job."""
+    manual = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in manual):
+        return
+    if not args.distributed and None in manual:
+        raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed "
+                         "on a cluster JAX detects)")
+    if args.num_processes is not None and not 0 <= (args.process_id or 0) < args.num_processes:
+        raise ValueError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
+    import jax
+
+    jax.distributed.initialize(*manual)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         check_args(args)
         if args.dtype == "float16":
             raise ValueError("--dtype float16 needs loss scaling, which only torch_gpt.train has; use bfloat16")
-        if args.distributed or "JAX_COORDINATOR_ADDRESS" in os.environ:
-            import jax
-
-            jax.distributed.initialize()
+        join_job(args)
         config = model_config(args)
         data = prepare_data(args, config)
         resume = None
@@ -155,6 +182,32 @@ def from_canonical(tree, canonical: dict[str, np.ndarray]):
     return jax.tree_util.tree_map_with_path(fill, tree)
 
 
+def to_mesh(tree, sharding_of):
+    """Place every leaf (the same value on every process) on the mesh. Going through host memory makes
+    this work across processes too, where `device_put` refuses arrays already committed to a local device."""
+    import jax
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already on the mesh (optimizer state)
+            return jax.device_put(x, sharding_of(x))
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding_of(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return jax.device_put(np.asarray(x), sharding_of(x))
+
+    return jax.tree.map(put, tree)
+
+
+def agree_to_stop(flag: StopFlag) -> bool:
+    """True once any process has been asked to stop: all must leave the loop at the same step."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() > 1:
+        flag.requested = bool(np.any(multihost_utils.process_allgather(np.int32(flag.requested))))
+    return flag.requested
+
+
 def rng_leaves(rest) -> list:
     """Dropout RNG state (keys and counters) as JSON-able lists, and back with `set_rng_leaves`."""
     import jax
@@ -179,6 +232,7 @@ def train(args, config, data, resume, mesh) -> int:
     import jax.numpy as jnp
     import optax
     from flax import nnx
+    from jax.experimental import multihost_utils
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
     from tqdm import tqdm
@@ -196,9 +250,8 @@ def train(args, config, data, resume, mesh) -> int:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(args)
     spec = param_sharding(mesh, args.fsdp)
-    params = jax.tree.map(lambda x: jax.device_put(x, spec(x)), params)
-    opt_state = jax.tree.map(lambda x: jax.device_put(x, spec(x)), tx.init(params))
-    rest = jax.device_put(rest, NamedSharding(mesh, P()))
+    params = to_mesh(params, spec)
+    opt_state = to_mesh(tx.init(params), spec)
     steps = total_steps(args, len(data.train_x))
     stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed)
     start = 0
@@ -220,6 +273,7 @@ def train(args, config, data, resume, mesh) -> int:
         start = trainer_state["step"]
         stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed, **trainer_state["data"])
 
+    rest = to_mesh(rest, lambda x: NamedSharding(mesh, P()))  # dropout RNG state, after any resume replaced it
     accum, micro = args.grad_accum, args.batch_size // args.grad_accum
     batch_sharding = NamedSharding(mesh, P(None, "data", None))  # (accum, micro, T): micro-batches split
 
@@ -247,9 +301,12 @@ def train(args, config, data, resume, mesh) -> int:
     def eval_loss(params, rest, x, y):
         return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x), y)
 
-    def put_batch(a: np.ndarray):
-        a = a.reshape(accum, micro, -1).astype(np.int32)
-        return jax.make_array_from_callback(a.shape, batch_sharding, lambda idx: a[idx])
+    def put_batch(a: np.ndarray, sharding=batch_sharding):
+        """A global array from the batch every process holds: each process places its own devices' rows."""
+        a = a.reshape(accum, micro, -1).astype(np.int32) if sharding is batch_sharding else a.astype(np.int32)
+        return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+    replicated = NamedSharding(mesh, P())
 
     lead = jax.process_index() == 0
     n_sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
@@ -263,7 +320,7 @@ def train(args, config, data, resume, mesh) -> int:
               f"{args.dtype}")
 
     def evaluate() -> float:
-        vals = [float(eval_loss(params, rest, jnp.asarray(x), jnp.asarray(y))) for x, y in val]
+        vals = [float(eval_loss(params, rest, put_batch(x, replicated), put_batch(y, replicated))) for x, y in val]
         return float(np.mean(vals)) if vals else float("nan")
 
     def save(step: int) -> None:
@@ -283,7 +340,7 @@ def train(args, config, data, resume, mesh) -> int:
     batches = iter(stream)
     step = start
     with interrupted:
-        while step < stop and not interrupted.requested:
+        while step < stop and not agree_to_stop(interrupted):
             lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, steps)
             x, y = next(batches)
             params, opt_state, rest, loss, norm = train_step(params, opt_state, rest, put_batch(x), put_batch(y),
@@ -309,12 +366,15 @@ def train(args, config, data, resume, mesh) -> int:
         if lead:
             print(f"interrupted at step {step}: checkpoint written to {out / 'checkpoint'}; continue with --resume")
         return 130
+    ids = encode_text(data.tokenizer, args.sample_prompt)
+    if ids:  # every process takes part in gathering the parameters; the first samples
+        host_params = jax.tree.map(lambda x: x if x.is_fully_addressable else multihost_utils.process_allgather(
+            x, tiled=True), params)
     if lead:
         if step < steps:
             print(f"stopped at step {step} of {steps}: continue with --resume")
-        ids = encode_text(data.tokenizer, args.sample_prompt)
         if ids:
-            nnx.update(model, jax.device_get(params))
+            nnx.update(model, jax.device_get(host_params))
             sample = jax_gpt.generate(model, np.asarray([ids]), args.sample_tokens)
             print(f"sample: {data.tokenizer.decode(np.asarray(sample[0]).tolist())!r}")
         print(f"wrote {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'checkpoint'}")

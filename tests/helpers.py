@@ -35,3 +35,12 @@ def assert_rel_close(actual, expected, tol: float, name: str = "tensor") -> floa
             f"{a[worst]!r} vs expected {b[worst]!r}"
         )
     return err
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test's rendezvous (torchrun, jax.distributed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,4 +1,4 @@
-"""jax_gpt.train: the same numbers as torch_gpt.train, exact resume, and sharding over 4 CPU devices."""
+"""jax_gpt.train: the same numbers as torch_gpt.train, exact resume, sharding over 4 CPU devices, 2 processes."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import torch
 
 from gpt_core import GPTConfig, WordTokenizer, load_text
 from jax_gpt.train import main as jax_main
+from tests.helpers import free_port
 from torch_gpt import GPTModel
 from torch_gpt.train import main as torch_main
 
@@ -86,9 +87,57 @@ def test_four_devices_equal_one(setup, fsdp):
     assert max_rel(losses(d / f"one_{tag}")[0], losses(d / f"four_{tag}")[0]) <= 1e-5
 
 
+def launch_two_processes(args, out) -> list[subprocess.Popen]:
+    """A multi-host job on one machine: 2 processes of 2 CPU devices each, joined by jax.distributed."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    port = free_port()
+    return [subprocess.Popen([sys.executable, "-m", "jax_gpt.train", *args, "--out", str(out),
+                              "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+
+
+def finish(procs, expect: int = 0) -> str:
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == expect, err[-3000:]
+    return outs[0][0]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(setup):
+    """Multi-host over jax.distributed: FSDP over 2 × 2 devices, stopped, resumed, equals one device."""
+    d, args = setup
+    args = args + ["--steps", "5", "--fsdp"]
+    assert jax_main(args + ["--out", str(d / "mh_one")]) == 0
+    stdout = finish(launch_two_processes(args + ["--stop-after", "2"], d / "mh_two"))
+    assert "on 4 x cpu" in stdout and "tensors sharded" in stdout
+    finish(launch_two_processes(args + ["--resume"], d / "mh_two"))
+    assert max_rel(losses(d / "mh_one")[0], losses(d / "mh_two")[0]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_one_process_stops_both_at_one_step(setup):
+    import signal
+    import time
+
+    d, args = setup
+    out = d / "mh_interrupted"
+    procs = launch_two_processes(args + ["--steps", "100000"], out)
+    deadline = time.time() + 180
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "the job ended or stalled"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)  # only the second process is told: the first must stop with it
+    stdout = finish(procs, expect=130)
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == len(losses(out)[0]) >= 2 and "continue with --resume" in stdout
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--dtype", "float16"], "float16 needs loss scaling"),
     (["--devices", "9"], "--devices 9"),
+    (["--coordinator", "127.0.0.1:1234"], "go together"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "outside 0..1"),
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
 ])
 def test_errors_before_any_work(setup, tmp_path, capsys, extra, match):

@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -11,6 +10,7 @@ import time
 import pytest
 
 from gpt_core import GPTConfig, WordTokenizer, load_text
+from tests.helpers import free_port
 from torch_gpt import GPTModel
 from torch_gpt.train import main
 
@@ -85,12 +85,6 @@ def test_ctrl_c_writes_a_checkpoint(setup):
     assert proc.returncode == 130, stderr
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == len(losses(out)[0]) >= 2 and "continue with --resume" in stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
