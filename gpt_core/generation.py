@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import types
 
 from gpt_core.tokenizer import Tokenizer, check_vocab_size, encode_text, get_tokenizer
 
@@ -45,3 +47,15 @@ def encode_prompt(args: argparse.Namespace, vocab_size: int) -> tuple[Tokenizer,
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     return tokenizer, ids
+
+
+def keep_callable(module_name: str, fn) -> None:
+    """`import torch_gpt.generate` (the CLI module) rebinds the package's `generate` from the function to the
+    module, as Python binds every imported submodule: make that module call the function, so
+    `torch_gpt.generate(model, idx, n)` works whichever was imported last."""
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = CallableModule

@@ -328,7 +328,9 @@ def check_ids(idx: jax.Array, vocab_size: int) -> None:
     JAX clamps out-of-range gathers silently, so values are checked on the host whenever they are
     concrete; under a trace only shape and dtype can be (jitted callers check before tracing).
     """
-    if getattr(idx, "ndim", None) != 2:
+    if not hasattr(idx, "ndim"):
+        raise ValueError(f"idx must be a numpy or JAX array of (batch, seq_len) token ids, got {type(idx).__name__}")
+    if idx.ndim != 2:
         raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(np.shape(idx))}")
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")

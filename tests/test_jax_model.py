@@ -136,6 +136,7 @@ def test_dropout_only_when_not_deterministic():
     (np.array([[1, 2**40]]), f"token id {2**40} is outside"),  # int64 on the host: checked before any cast
     (jnp.zeros((1, 3)), "integer token ids"),
     (jnp.array([1, 2, 3]), "must be (batch, seq_len)"),
+    ([[1, 2, 3]], "must be a numpy or JAX array"),
     (jnp.zeros((1, CTX + 1), jnp.int32), "does not fit the context of 64"),
     (jnp.zeros((1, 0), jnp.int32), "sequence of 0 tokens"),
 ])

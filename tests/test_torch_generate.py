@@ -93,3 +93,17 @@ def test_cli_prints_a_continuation(tmp_path):
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     helped = subprocess.run([sys.executable, "-m", "torch_gpt.generate", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--temperature" in helped.stdout
+
+
+def test_importing_the_cli_module_keeps_generate_callable():
+    # `import torch_gpt.generate` binds the CLI module to `torch_gpt.generate`, where the function was.
+    code = ("import torch, torch_gpt, torch_gpt.generate, jax_gpt, jax_gpt.generate\n"
+            "from flax import nnx\n"
+            "from gpt_core import GPTConfig\n"
+            "cfg = GPTConfig.from_preset('tiny')\n"
+            "t = torch_gpt.generate(torch_gpt.GPTModel(cfg).eval(), torch.tensor([[1, 2, 3]]), 2)\n"
+            "j = jax_gpt.generate(jax_gpt.GPTModel(cfg, rngs=nnx.Rngs(0)), torch.tensor([[1, 2, 3]]).numpy(), 2)\n"
+            "print(tuple(t.shape), tuple(j.shape))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(1, 5) (1, 5)"
