@@ -273,7 +273,8 @@ def train(args, config, data, resume, mesh) -> int:
         start = trainer_state["step"]
         stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed, **trainer_state["data"])
 
-    rest = to_mesh(rest, lambda x: NamedSharding(mesh, P()))  # dropout RNG state, after any resume replaced it
+    replicated = NamedSharding(mesh, P())
+    rest = to_mesh(rest, lambda x: replicated)  # dropout RNG state, after any resume replaced it
     accum, micro = args.grad_accum, args.batch_size // args.grad_accum
     batch_sharding = NamedSharding(mesh, P(None, "data", None))  # (accum, micro, T): micro-batches split
 
@@ -301,12 +302,13 @@ def train(args, config, data, resume, mesh) -> int:
     def eval_loss(params, rest, x, y):
         return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x), y)
 
-    def put_batch(a: np.ndarray, sharding=batch_sharding):
+    def place(a: np.ndarray, sharding):
         """A global array from the batch every process holds: each process places its own devices' rows."""
-        a = a.reshape(accum, micro, -1).astype(np.int32) if sharding is batch_sharding else a.astype(np.int32)
+        a = a.astype(np.int32)
         return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
-    replicated = NamedSharding(mesh, P())
+    def put_batch(a: np.ndarray):
+        return place(a.reshape(accum, micro, -1), batch_sharding)
 
     lead = jax.process_index() == 0
     n_sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
@@ -320,7 +322,7 @@ def train(args, config, data, resume, mesh) -> int:
               f"{args.dtype}")
 
     def evaluate() -> float:
-        vals = [float(eval_loss(params, rest, put_batch(x, replicated), put_batch(y, replicated))) for x, y in val]
+        vals = [float(eval_loss(params, rest, place(x, replicated), place(y, replicated))) for x, y in val]
         return float(np.mean(vals)) if vals else float("nan")
 
     def save(step: int) -> None:
