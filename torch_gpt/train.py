@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             # under a peer that is still working, or leaving the DDP reducer's pending work to interpreter
             # shutdown, aborts the process ("terminate called without an active exception").
             gc.collect()
-            dist.barrier()
+            dist.barrier(device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
         return code
     finally:
         if world > 1:
