@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from bench import report
+from gpt_core.cli import HelpFormatter
 
 DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton kernels.
 
@@ -43,8 +44,8 @@ def add_model(p: argparse.ArgumentParser, batch: int, seq_len: int) -> None:
     p.add_argument("--config", default=None, help="config JSON file (any dialect); overrides --preset")
     p.add_argument("--batch", type=int, default=batch, help="batch size")
     p.add_argument("--seq-len", type=int, default=seq_len, help="sequence length")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype of both models")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     add_common(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="{parity,speed,kernels,compile}")
     par = sub.add_parser("parity", help="torch vs jax: same function?",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     add_model(par, batch=2, seq_len=64)
     par.add_argument("--train-steps", type=int, default=5, help="AdamW steps compared (0: none)")
     par.add_argument("--gen-tokens", type=int, default=16, help="greedy tokens compared (0: none)")
@@ -63,7 +64,7 @@ def parser() -> argparse.ArgumentParser:
                      help="self-test: nudge this weight (e.g. h.0.attn.c_attn.weight) on the JAX side; must FAIL")
     add_common(par)
     spd = sub.add_parser("speed", help="time every implementation",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     add_model(spd, batch=4, seq_len=128)
     spd.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     spd.add_argument("--decode-tokens", type=int, default=16, help="tokens generated for the decode timing")
@@ -71,12 +72,12 @@ def parser() -> argparse.ArgumentParser:
     spd.add_argument("--phase", action="append", help="only these phases (repeatable), e.g. forward")
     add_common(spd)
     ker = sub.add_parser("kernels", help="Triton kernels: speed on CUDA, correctness sweep elsewhere",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ker.add_argument("--repeats", type=int, default=10)
+                         formatter_class=HelpFormatter)
+    ker.add_argument("--repeats", type=int, default=10, help="timed repeats per CUDA measurement (median reported)")
     ker.add_argument("--quick", action="store_true", help="fewer shapes")
     add_common(ker)
     com = sub.add_parser("compile", help="ahead-of-time resource report for sm_80 and sm_90",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=HelpFormatter)
     com.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (default 80 and 90)")
     com.add_argument("--quick", action="store_true", help="a subset of configurations (bf16/fp32, D 64 and 128)")
     com.add_argument("--kernel", default=None, help="one kernel only, e.g. attn_fwd, ln_fwd")

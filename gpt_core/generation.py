@@ -6,6 +6,7 @@ import argparse
 import sys
 import types
 
+from gpt_core.cli import HelpFormatter
 from gpt_core.tokenizer import Tokenizer, check_vocab_size, encode_text, get_tokenizer
 
 
@@ -21,7 +22,7 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
 def build_parser(prog: str, attn_impls: tuple[str, ...], default_attn: str) -> argparse.ArgumentParser:
     """The generation CLIs' shared flags; each adds its framework's own (device, dtype) after this."""
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, formatter_class=HelpFormatter,
         description="Continue a text prompt with a GPT checkpoint (a directory with config.json and "
                     "model.safetensors, ours or one written by transformers' save_pretrained).")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory")
@@ -33,7 +34,7 @@ def build_parser(prog: str, attn_impls: tuple[str, ...], default_attn: str) -> a
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole window every step")
     p.add_argument("--stop-at-eos", action="store_true", help="stop at <|endoftext|>")
-    p.add_argument("--attn-impl", default=default_attn, choices=attn_impls)
+    p.add_argument("--attn-impl", default=default_attn, choices=attn_impls, help="attention implementation")
     p.add_argument("--tokenizer", default="gpt2", help="gpt2, cl100k_base or word:VOCAB.json")
     return p
 

@@ -30,6 +30,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from gpt_core.checkpoint import load_checkpoint, save_checkpoint
+from gpt_core.cli import HelpFormatter
 from gpt_core.config import GPTConfig
 from gpt_core.data import iterate_batches, load_text, sliding_windows, train_val_split
 from gpt_core.tokenizer import check_vocab_size, encode_text, get_tokenizer
@@ -44,7 +45,7 @@ RESUME_MUST_MATCH = ("preset", "config", "data", "tokenizer", "val_fraction", "s
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The trainers' shared flags; each trainer adds its framework's own after this."""
     p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="tiny", help="GPTConfig preset: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     m.add_argument("--config", default=None, help="a config JSON file (any dialect); overrides --preset")
@@ -64,13 +65,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     o.add_argument("--min-lr", type=float, default=6e-5, help="learning rate at the end of the cosine decay")
     o.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay, on >=2-D weights only")
-    o.add_argument("--beta1", type=float, default=0.9)
-    o.add_argument("--beta2", type=float, default=0.95)
+    o.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    o.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     o.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon")
     o.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip (0 disables)")
     o.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (float16 with loss scaling, torch only)")
-    o.add_argument("--seed", type=int, default=1337)
+    o.add_argument("--seed", type=int, default=1337, help="seed of the initial weights, batch order and dropout")
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (0: only at the end)")
     e.add_argument("--eval-batches", type=int, default=8, help="validation batches per evaluation")

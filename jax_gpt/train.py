@@ -42,7 +42,8 @@ from gpt_core.training import (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser("python -m jax_gpt.train", __doc__.split("\n\n")[0])
     j = p.add_argument_group("jax only")
-    j.add_argument("--attn-impl", default="xla", choices=["math", "xla", "cudnn"])
+    j.add_argument("--attn-impl", default="xla", choices=["math", "xla", "cudnn"],
+                   help="math: explicit softmax; xla: jax.nn.dot_product_attention; cudnn: its GPU flash path")
     j.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     j.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the data axis")
     j.add_argument("--distributed", action="store_true",

@@ -13,7 +13,7 @@ from torch_gpt.model import ATTN_IMPLS, GPTModel
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser("python -m torch_gpt.generate", ATTN_IMPLS, "sdpa")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args(argv)
     try:
         model = GPTModel.from_pretrained(args.checkpoint, attn_impl=args.attn_impl, device=args.device)

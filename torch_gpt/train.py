@@ -49,8 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = build_parser("python -m torch_gpt.train", __doc__.split("\n\n")[0])
     t = p.add_argument_group("torch only")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
-    t.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS)
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
+                   help="math: explicit softmax; sdpa: F.scaled_dot_product_attention; triton: kernels.flash_attention")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device; under torchrun each rank takes cuda:LOCAL_RANK")
     return p.parse_args(argv)
 
 
