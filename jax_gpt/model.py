@@ -8,6 +8,7 @@ static length), nh heads, hs head size, C = emb_dim.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
 from pathlib import Path
@@ -99,6 +100,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, dropout: nnx.
 
 # Placeholder initialiser: GPTModel.reset_parameters draws every parameter, in one place, as torch_gpt does.
 _DEFERRED = nnx.initializers.zeros_init()
+# Set by from_pretrained, which overwrites every parameter: drawing them first would be wasted time.
+_LOADING = contextvars.ContextVar("jax_gpt_loading", default=False)
 
 
 def make_layer_norm(config: GPTConfig, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -206,7 +209,8 @@ class GPTModel(nnx.Module):
         self.lm_head = (None if config.tie_embeddings else
                         nnx.Linear(config.emb_dim, config.vocab_size, use_bias=False, kernel_init=_DEFERRED, **kw))
         self.attn_impl = attn_impl
-        self.reset_parameters(rngs)
+        if not _LOADING.get():
+            self.reset_parameters(rngs)
 
     @property
     def attn_impl(self) -> str:
@@ -292,8 +296,12 @@ class GPTModel(nnx.Module):
         `rngs` seeds dropout (default `nnx.Rngs(0)`); `runtime` goes to the constructor (dtype,
         param_dtype, attn_impl)."""
         config, state = load_checkpoint(directory)
-        model = cls(config, rngs=nnx.Rngs(0) if rngs is None else rngs, **runtime)
-        model.load_canonical_state(state, source=str(directory))
+        loading = _LOADING.set(True)
+        try:
+            model = cls(config, rngs=nnx.Rngs(0) if rngs is None else rngs, **runtime)
+        finally:
+            _LOADING.reset(loading)
+        model.load_canonical_state(state, source=str(directory))  # every parameter, or CheckpointError
         return model
 
 
