@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16 checkpoints)
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -116,17 +117,26 @@ def load_config(directory: str | Path) -> GPTConfig:
 
 
 def load_raw_safetensors(directory: str | Path) -> dict[str, np.ndarray] | None:
-    """The tensors of `model.safetensors` (or of a sharded index), as stored; None when there are none."""
+    """The tensors of `model.safetensors` (or of a sharded index) under their stored names, floating point
+    ones as float32 (bf16 and fp16 widen exactly; torch cannot take a numpy bf16 array); None when there are none."""
     directory = Path(directory)
     if (directory / WEIGHTS_FILE).is_file():
-        return load_file(directory / WEIGHTS_FILE)
-    if (directory / WEIGHTS_INDEX_FILE).is_file():
+        shards = [directory / WEIGHTS_FILE]
+    elif (directory / WEIGHTS_INDEX_FILE).is_file():
         weight_map = json.loads((directory / WEIGHTS_INDEX_FILE).read_text())["weight_map"]
-        raw: dict[str, np.ndarray] = {}
-        for shard in sorted(set(weight_map.values())):
-            raw |= load_file(directory / shard)
-        return raw
-    return None
+        shards = [directory / shard for shard in sorted(set(weight_map.values()))]
+    else:
+        return None
+    raw: dict[str, np.ndarray] = {}
+    for shard in shards:
+        raw |= {k: _widen(v) for k, v in load_file(shard).items()}
+    return raw
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    if a.dtype in (np.float16, ml_dtypes.bfloat16):
+        return a.astype(np.float32)
+    return a
 
 
 def load_checkpoint(directory: str | Path) -> tuple[GPTConfig, dict[str, np.ndarray]]:

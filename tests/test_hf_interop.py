@@ -83,6 +83,20 @@ def test_our_checkpoint_loads_into_transformers(tmp_path, tie, qkv_bias):
         assert_rel_close(hf(idx).logits, model(idx), 1e-5, "transformers logits vs ours")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_hf_checkpoint_loads_on_both_sides(tmp_path, dtype):
+    # bf16 tensors need ml_dtypes for numpy to hold them; both loaders widen them to float32, exactly.
+    hf = small_hf_model().to(dtype)
+    hf.save_pretrained(tmp_path / "hf")
+    reference = hf.float()  # the same bf16/fp16 values, widened
+    idx = torch.randint(0, 203, (2, 17))
+    with torch.no_grad():
+        want = reference(idx).logits
+        assert_rel_close(GPTModel.from_pretrained(tmp_path / "hf")(idx), want, 1e-5, "torch_gpt logits")
+    jax_gpt = pytest.importorskip("jax_gpt")
+    assert_rel_close(jax_gpt.GPTModel.from_pretrained(tmp_path / "hf")(idx.numpy()), want, 1e-5, "jax_gpt logits")
+
+
 def test_mis_shaped_hf_checkpoint_lists_problems(tmp_path):
     hf = small_hf_model()
     hf.save_pretrained(tmp_path / "hf")
