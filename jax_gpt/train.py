@@ -69,7 +69,9 @@ def join_job(args) -> None:
     if not args.distributed and None in manual:
         raise ValueError("--coordinator, --num-processes and --process-id go together (or use --distributed "
                          "on a cluster JAX detects)")
-    if args.num_processes is not None and not 0 <= (args.process_id or 0) < args.num_processes:
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {args.num_processes}")
+    if None not in (args.num_processes, args.process_id) and not 0 <= args.process_id < args.num_processes:
         raise ValueError(f"--process-id {args.process_id} is outside 0..{args.num_processes - 1}")
     import jax
 

@@ -138,6 +138,7 @@ def test_ctrl_c_on_one_process_stops_both_at_one_step(setup):
     (["--devices", "9"], "--devices 9"),
     (["--coordinator", "127.0.0.1:1234"], "go together"),
     (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"], "outside 0..1"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"], "--num-processes must be"),
     (["--batch-size", "6", "--grad-accum", "4"], "not divisible"),
 ])
 def test_errors_before_any_work(setup, tmp_path, capsys, extra, match):

@@ -61,10 +61,21 @@ def test_resume_is_exact(setup):
     assert max(abs(a - b) / abs(a) for a, b in zip(full, split, strict=True)) <= 1e-6
 
 
-def test_compile_trains_the_same(setup):
+def test_compile_trains_the_same(setup, monkeypatch):
+    import torch
+
     d, args = setup
     assert main(args + ["--out", str(d / "eager")]) == 0
+    compiled_fns = []
+    real_compile = torch.compile
+
+    def spy(fn, *a, **k):  # the flag must really compile, not quietly run eagerly
+        compiled_fns.append(real_compile(fn, *a, **k))
+        return compiled_fns[-1]
+
+    monkeypatch.setattr(torch, "compile", spy)
     assert main(args + ["--out", str(d / "compiled"), "--compile"]) == 0
+    assert len(compiled_fns) == 1
     eager, compiled = losses(d / "eager")[0], losses(d / "compiled")[0]
     assert len(compiled) == 8
     assert max(abs(a - b) / abs(a) for a, b in zip(eager, compiled, strict=True)) <= 1e-5
