@@ -210,23 +210,16 @@ def sweep(quick: bool) -> list[Row]:
 
 
 def _err_row(name: str, path: str | None, dtype, shape: str, mine, theirs, exact, scale: float) -> Row:
-    """`scale`: the largest exact gradient norm of the same call. A gradient that is zero in exact
-    arithmetic (dq and dk over a single key) has only rounding noise, measured relative to that scale."""
-    import torch
+    """One verdict of the accuracy rule (`kernels.testing`, DESIGN.md §4). `scale`: the largest exact gradient
+    norm of the same call (0 for outputs); a gradient that is zero in exact arithmetic (dq and dk over a single
+    key) has only rounding noise, measured relative to that scale."""
+    from kernels.testing import accuracy
 
-    norm = float(torch.linalg.vector_norm(exact))
-    denom = norm if norm >= 1e-3 * scale else scale
-
-    def err(a):
-        return float(torch.linalg.vector_norm(a.detach().double() - exact.detach())) / denom
-
-    ours, torch_err = err(mine), err(theirs)
-    finite = bool(torch.isfinite(mine).all())
-    ulp = torch.finfo(dtype).eps  # errors below one unit of rounding of the dtype are noise, not a verdict
-    ok = finite and path == "interpreter" and ours <= 2 * torch_err + ulp
+    v = accuracy(mine, theirs, exact, scale=scale or None)
     return Row("kernels", name, f"triton ({path})", str(dtype).removeprefix("torch."), shape,
-               {"rel_err": ours, "torch_rel_err": torch_err, "ratio": ours / torch_err if torch_err else None},
-               "PASS" if ok else "FAIL", "interpreter on CPU; PASS: error vs float64 <= 2x PyTorch's + 1 ulp")
+               {"rel_err": v.error, "torch_rel_err": v.torch_error, "floor": v.floor, "ratio": v.ratio},
+               "PASS" if v.ok and path == "interpreter" else "FAIL",
+               "interpreter on CPU; PASS: error vs float64 <= 2x PyTorch's + the rounding of the exact answer")
 
 
 if __name__ == "__main__":  # the child process of `run` on machines without CUDA

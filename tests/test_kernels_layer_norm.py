@@ -15,18 +15,12 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import utils
+from kernels.testing import assert_accurate
 from tests.helpers import rel_error
 
 ln_mod = importlib.import_module("kernels.layer_norm")
 
 pytestmark = pytest.mark.interpreter
-
-
-def assert_within_torch_error(name, got, torch_val, exact, dtype):
-    assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten outputs are NaN)"
-    err, err_torch = rel_error(got, exact), rel_error(torch_val, exact)
-    floor = rel_error(exact.to(dtype), exact)
-    assert err <= 2 * err_torch + floor, f"{name}: error {err:.3e} > 2 x PyTorch's {err_torch:.3e} + {floor:.1e}"
 
 
 def run(fn, tensors, grads, dtype):
@@ -70,11 +64,11 @@ def check_layer_norm(shape, dtype, *, residual=False, weight=True, bias=True, pa
         assert torch.equal(outs[1], torch_outs[1])
     for name, o, t, e in zip(("y", "x + residual")[: len(outs)], outs, torch_outs, exact_outs, strict=True):
         assert o.dtype == dtype and o.shape == shape
-        assert_within_torch_error(name, o, t, e, dtype)
+        assert_accurate(name, o, t, e)
     names = ("dx", "dresidual", "dweight", "dbias") if residual else ("dx", "dweight", "dbias")
     for name, g, t, e in zip(names, got_grads, torch_grads, exact_grads, strict=True):
         if e is not None:
-            assert_within_torch_error(name, g, t, e, g.dtype)
+            assert_accurate(name, g, t, e)
 
 
 def run_mixed(fn, inputs, grads, dtype, param_dtype):
