@@ -69,3 +69,11 @@ def iterate_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, *,
     for i in range(start * batch_size, stop, batch_size):
         idx = order[i:i + batch_size]
         yield inputs[idx], targets[idx]
+
+
+if __name__ == "__main__":  # `python -m gpt_core.data prepare ...`: the CLI lives in gpt_core.prepare
+    import sys
+
+    from gpt_core.prepare import main
+
+    sys.exit(main())
