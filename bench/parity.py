@@ -9,6 +9,7 @@ import numpy as np
 from bench import twins
 from bench.report import Row
 from gpt_core.config import GPTConfig
+from gpt_core.training import OptimizerConfig
 
 # DESIGN.md §4: relative error ‖a − b‖/‖b‖.
 TOLERANCES = {"float32": {"logits": 1e-5, "grad": 1e-4, "train": 1e-4},
@@ -69,7 +70,7 @@ def run(config: GPTConfig, *, batch: int = 2, seq_len: int = 64, dtype: str = "f
         progress(f"parity: {train_steps} AdamW steps on both sides")
         batches = [(rng.integers(0, config.vocab_size, (batch, seq_len)),
                     rng.integers(0, config.vocab_size, (batch, seq_len))) for _ in range(train_steps)]
-        opt_args = twins.optimizer_args(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
+        opt_args = OptimizerConfig(lr=1e-3, weight_decay=0.1, grad_clip=1.0)
         tl = twins.torch_train_losses(tw.torch_model, batches, opt_args)
         jl = twins.jax_train_losses(tw.jax_model, batches, opt_args)
         errs = [abs(a - b) / abs(a) for a, b in zip(tl, jl, strict=True)]

@@ -14,6 +14,7 @@ import numpy as np
 
 from gpt_core.checkpoint import CONV1D_WEIGHTS
 from gpt_core.config import GPTConfig
+from gpt_core.training import OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -102,37 +103,29 @@ def jax_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarra
     return np.asarray(logits, np.float32), float(loss), to_canonical(grads)
 
 
-def optimizer_args(lr: float, weight_decay: float, grad_clip: float = 1.0):
-    """The trainers' optimizer flags (gpt_core.training's defaults otherwise), for their make_optimizer."""
-    from gpt_core.training import build_parser
-
-    return build_parser("bench", "").parse_args(["--lr", str(lr), "--weight-decay", str(weight_decay),
-                                                  "--grad-clip", str(grad_clip)])
-
-
-def torch_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], args) -> list[float]:
+def torch_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], opt: OptimizerConfig) -> list[float]:
     """Losses of torch_gpt.train's optimizer steps (AdamW, decay on >=2-D weights, global-norm clipping)
-    at the constant `args.lr`, one per batch, dropout off; trains the model in place."""
+    at the constant `opt.lr`, one per batch, dropout off; trains the model in place."""
     import torch
 
     from torch_gpt import cross_entropy_loss
     from torch_gpt.train import make_optimizer
 
     model.eval()  # dropout off: the two sides' dropout masks could never agree
-    opt = make_optimizer(model, args)
+    adamw = make_optimizer(model, opt)
     dev = model.wte.weight.device
     losses = []
     for x, y in batches:
         loss = cross_entropy_loss(model(torch.from_numpy(x).to(dev)), torch.from_numpy(y).to(dev))
-        opt.zero_grad(set_to_none=True)
+        adamw.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+        adamw.step()
         losses.append(float(loss.detach()))
     return losses
 
 
-def jax_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], args) -> list[float]:
+def jax_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], opt: OptimizerConfig) -> list[float]:
     """The same steps through jax_gpt.train's optimizer (its updates scaled by the learning rate)."""
     import jax
     from flax import nnx
@@ -141,13 +134,13 @@ def jax_train_losses(model, batches: list[tuple[np.ndarray, np.ndarray]], args) 
     from jax_gpt.train import make_optimizer
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(args)
+    tx = make_optimizer(opt)
 
     @jax.jit
     def step(params, opt_state, x, y):
         loss, grads = jax.value_and_grad(lambda p: cross_entropy_loss(nnx.merge(graphdef, p, rest)(x), y))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return jax.tree.map(lambda p, u: p - args.lr * u, params, updates), opt_state, loss
+        return jax.tree.map(lambda p, u: p - opt.lr * u, params, updates), opt_state, loss
 
     opt_state, losses = tx.init(params), []
     for x, y in batches:

@@ -1,14 +1,18 @@
-"""What the two trainers share, framework-free: the CLI, the data stream, the schedule, the outputs.
+"""The training loop, written once for both trainers, and everything about a run that is framework-free.
 
-`torch_gpt.train` and `jax_gpt.train` build their parser with `build_parser`, so both take the same flags
-with the same defaults; they read data through `prepare_data` and `BatchStream` (same windows, same
-order, resumable position), take the learning rate from `lr_at`, and write `metrics.jsonl`, `loss.png`
-and checkpoints through `RunWriter` and `save_training_checkpoint`.
+`torch_gpt.train` and `jax_gpt.train` build their parser with `build_parser` (the same flags, the same
+defaults), turn the flags into typed configs (`OptimizerConfig`, `RunConfig`, `DataConfig`) and hand
+`run_training` a `Backend`: the few things only a framework can do (a step, an evaluation, the state to save
+and restore, a sample, this process's rows and rank). The loop does the rest, identically for both: the
+schedule (`OptimizerConfig.lr_at`), the batches (`gpt_core.batches`: the same windows in the same order on
+both sides, fixed by (seed, step)), the progress bar, `metrics.jsonl` and `loss.png` (`RunWriter`), the
+evaluation and checkpoint cadence, Ctrl-C at a step boundary (`StopFlag`) and the closing messages.
 
-A training checkpoint is a directory: the model checkpoint (`config.json`, `model.safetensors`) plus
-`optimizer.safetensors` (AdamW moments under the canonical parameter names and layouts, `exp_avg.NAME`
-and `exp_avg_sq.NAME`) and `trainer_state.json` (step, data position, RNG state, the flags). The
-directory is written under a temporary name and swapped in, so a crash never leaves a half-written one.
+A training checkpoint (`TrainingCheckpoint`) is a directory: the model checkpoint (`config.json`,
+`model.safetensors`) plus `optimizer.safetensors` (AdamW moments under the canonical parameter names and
+layouts, `exp_avg.NAME` and `exp_avg_sq.NAME`) and `trainer_state.json` (step, RNG state, the flags). It is
+written under a temporary name and swapped in, so a crash never leaves a half-written one; either trainer
+resumes the other's.
 """
 
 from __future__ import annotations
@@ -22,18 +26,22 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from gpt_core.batches import DataConfig, TrainingData, open_training_data
 from gpt_core.checkpoint import load_checkpoint, save_checkpoint
 from gpt_core.cli import HelpFormatter
 from gpt_core.config import GPTConfig
-from gpt_core.data import iterate_batches, load_text, sliding_windows, train_val_split
-from gpt_core.tokenizer import check_vocab_size, encode_text, get_tokenizer
+from gpt_core.tokenizer import encode_text
+
+__all__ = [
+    "Backend", "DataConfig", "OptimizerConfig", "RunConfig", "RunWriter", "StopFlag", "TrainingCheckpoint",
+    "TrainingData", "build_parser", "check_args", "model_config", "open_training_data", "run_training",
+]
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -42,6 +50,7 @@ RESUME_MUST_MATCH = ("preset", "config", "data", "tokenizer", "val_fraction", "s
                      "grad_accum", "seed")
 
 
+# ------------------------------------------------------------------------------------------------- the CLI
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The trainers' shared flags; each trainer adds its framework's own after this."""
     p = argparse.ArgumentParser(prog=prog, description=description,
@@ -51,16 +60,20 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     m.add_argument("--config", default=None, help="a config JSON file (any dialect); overrides --preset")
     m.add_argument("--init-from", default=None, help="start from the weights of this checkpoint directory")
     d = p.add_argument_group("data")
-    d.add_argument("--data", default=None, help="plain-text training file (default: the shipped sample corpus)")
+    d.add_argument("--data", default=None,
+                   help="a folder of token shards (`python -m gpt_core.data prepare`, or llm.c's *_train_*.bin / "
+                        "*_val_*.bin), read lazily; or a small plain-text file (default: the shipped sample corpus)")
     d.add_argument("--tokenizer", default="gpt2", help="gpt2, cl100k_base or word:VOCAB.json")
-    d.add_argument("--val-fraction", type=float, default=0.1, help="tail of the token stream held out")
+    d.add_argument("--val-fraction", type=float, default=0.1,
+                   help="text file: tail of the token stream held out (shard folders have their own val shard)")
     d.add_argument("--seq-len", type=int, default=None, help="window length (default: the context length)")
-    d.add_argument("--stride", type=int, default=None, help="window stride (default: --seq-len)")
+    d.add_argument("--stride", type=int, default=None, help="text file: window stride (default: --seq-len)")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=int, default=8, help="global windows per optimizer step")
     o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (batch-size must divide)")
     o.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1 epoch unless --epochs)")
-    o.add_argument("--epochs", type=float, default=None, help="passes over the training windows")
+    o.add_argument("--epochs", type=float, default=None,
+                   help="passes over the training windows (shard folders: over the training tokens)")
     o.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
     o.add_argument("--min-lr", type=float, default=6e-5, help="learning rate at the end of the cosine decay")
     o.add_argument("--warmup-steps", type=int, default=10, help="linear warmup steps")
@@ -115,45 +128,68 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     return GPTConfig.from_preset(args.preset)
 
 
-@dataclasses.dataclass
-class Data:
-    train_x: np.ndarray  # (n_train, T) int64
-    train_y: np.ndarray
-    val_x: np.ndarray  # (n_val, T) int64; empty when there is no validation split
-    val_y: np.ndarray
-    tokenizer: Any
+# --------------------------------------------------------------------------------------- typed configs
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW (decay on >= 2-D weights only), global-norm clipping, linear warmup then cosine decay."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimizerConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Learning rate for optimizer step `step` (0-based) of `total`."""
+        return lr_at(step, self.lr, self.min_lr, self.warmup_steps, total)
 
 
-def prepare_data(args: argparse.Namespace, config: GPTConfig) -> Data:
-    """Tokenize --data, split it, cut windows; every error here comes before any training work."""
-    tokenizer = get_tokenizer(args.tokenizer)
-    check_vocab_size(config.vocab_size, tokenizer)
-    seq_len = args.seq_len or config.context_length
-    if seq_len > config.context_length:
-        raise ValueError(f"--seq-len {seq_len} exceeds the model's context_length {config.context_length}")
-    stride = args.stride or seq_len
-    ids = encode_text(tokenizer, load_text(args.data))
-    train_ids, val_ids = train_val_split(ids, args.val_fraction)
-    source = args.data or "the sample corpus"
-    try:
-        x, y = sliding_windows(train_ids, seq_len, stride)
-    except ValueError as e:
-        raise ValueError(f"{source}: its training split ({len(train_ids)} tokens) is too short: {e}") from None
-    if len(x) < args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(x)} training windows of "
-                         f"{source} (seq-len {seq_len}, stride {stride})")
-    if len(val_ids) > seq_len:
-        vx, vy = sliding_windows(val_ids, seq_len, seq_len)
-    else:
-        vx = vy = np.zeros((0, seq_len), np.int64)
-    return Data(x, y, vx, vy, tokenizer)
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """How long, how often and where: everything of a run that is neither the model, the data nor AdamW."""
+
+    steps: int  # total optimizer steps of the whole run (the schedule's length)
+    batch_size: int = 8  # global windows per step
+    grad_accum: int = 1
+    seed: int = 1337
+    dtype: str = "float32"
+    eval_every: int = 50  # 0: only at the end
+    eval_batches: int = 8
+    ckpt_every: int = 0  # 0: only at the end
+    stop_after: int | None = None  # steps of this invocation
+    out: Path = Path("runs/train")
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 30
+    progress: bool = True
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, steps: int) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)} - {"steps", "out", "progress"}
+        return cls(steps=steps, out=Path(args.out), progress=not args.no_progress,
+                   **{k: getattr(args, k) for k in names})
 
 
-def total_steps(args: argparse.Namespace, n_windows: int) -> int:
-    per_epoch = n_windows // args.batch_size
-    if args.steps is not None:
-        return args.steps
-    return max(1, math.ceil(per_epoch * (args.epochs if args.epochs is not None else 1.0)))
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(path=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len, stride=args.stride,
+                      val_fraction=args.val_fraction)
+
+
+def total_steps(data: TrainingData, batch_size: int, steps: int | None, epochs: float | None) -> int:
+    """--steps, or --epochs (default 1) passes over the training windows."""
+    if steps is not None:
+        return steps
+    return max(1, math.ceil(data.batches_per_epoch(batch_size) * (epochs if epochs is not None else 1.0)))
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total: int) -> float:
@@ -166,33 +202,75 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, total: int) ->
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-class BatchStream:
-    """Endless, seeded, resumable stream of (inputs, targets) batches: epoch e shuffles with seed + e."""
+# ------------------------------------------------------------------------------------- training checkpoints
+@dataclasses.dataclass
+class TrainingCheckpoint:
+    """Everything a run needs to continue exactly: weights and AdamW moments (canonical names and layouts),
+    the step, the framework's RNG state and the flags it ran with."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epoch: int = 0, index: int = 0):
-        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.epoch, self.index = epoch, index  # the next batch is batch `index` of epoch `epoch`
+    config: GPTConfig
+    model: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray]  # exp_avg.NAME, exp_avg_sq.NAME
+    step: int
+    framework: str
+    rng: dict[str, Any] = dataclasses.field(default_factory=dict)  # per framework: "torch_cpu", "jax", ...
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        while True:
-            for batch in iterate_batches(self.x, self.y, self.batch_size, seed=self.seed + self.epoch,
-                                         start=self.index):
-                self.index += 1
-                yield batch
-            self.epoch, self.index = self.epoch + 1, 0
+    def moments(self, kind: str) -> dict[str, np.ndarray]:
+        """The `exp_avg` or `exp_avg_sq` moments, by parameter name."""
+        return {k.removeprefix(kind + "."): v for k, v in self.optimizer.items() if k.startswith(kind + ".")}
 
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index}
+    def save(self, directory: str | Path) -> Path:
+        """Write it to `directory`, atomically (temporary directory, then swap)."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        old = directory.with_name(directory.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_checkpoint(tmp, self.config, self.model)
+        save_file({k: np.ascontiguousarray(v) for k, v in self.optimizer.items()}, tmp / OPTIMIZER_FILE)
+        state = {"step": self.step, "framework": self.framework, "rng": self.rng, "args": self.args}
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=1, default=str) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if directory.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)  # a crash from here on leaves `old` complete: `load` uses it
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TrainingCheckpoint:
+        directory = Path(directory)
+        if not directory.exists() and directory.with_name(directory.name + ".old").exists():
+            directory = directory.with_name(directory.name + ".old")  # a crash hit between the two renames
+        if not (directory / TRAINER_STATE_FILE).is_file():
+            raise FileNotFoundError(f"no training checkpoint in {directory} (missing {TRAINER_STATE_FILE})")
+        config, state = load_checkpoint(directory)
+        optimizer = load_file(directory / OPTIMIZER_FILE)
+        expected = {f"{kind}.{k}": v.shape for k, v in state.items() for kind in ("exp_avg", "exp_avg_sq")}
+        problems = sorted(set(expected) ^ set(optimizer))
+        problems += [k for k in expected if k in optimizer and optimizer[k].shape != expected[k]]
+        if problems:
+            raise ValueError(f"{directory / OPTIMIZER_FILE} does not match the model: {problems[:10]}")
+        meta = json.loads((directory / TRAINER_STATE_FILE).read_text())
+        return cls(config, state, optimizer, meta["step"], meta.get("framework", "?"), meta.get("rng", {}),
+                   meta.get("args", {}))
+
+    def check_matches(self, args: argparse.Namespace, config: GPTConfig) -> None:
+        """Refuse to resume when the flags describe a different model or data order than this checkpoint's."""
+        if self.config != config:
+            diffs = {k: (v, getattr(self.config, k)) for k, v in config.to_dict().items()
+                     if getattr(self.config, k) != v}
+            raise ValueError(f"the checkpoint's config differs from the flags' (flags vs checkpoint): {diffs}")
+        diffs = {k: (getattr(args, k), self.args[k]) for k in RESUME_MUST_MATCH
+                 if k in self.args and self.args[k] != getattr(args, k)}
+        if diffs:
+            raise ValueError(f"--resume with flags that change the run (flags vs checkpoint): {diffs}")
 
 
-def validation_batches(data: Data, batch_size: int, n_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The first `n_batches` validation batches, in order (the same every evaluation)."""
-    if len(data.val_x) == 0:
-        return []
-    bs = min(batch_size, len(data.val_x))
-    return list(iterate_batches(data.val_x, data.val_y, bs, shuffle=False))[:n_batches]
-
-
+# ------------------------------------------------------------------------------------------- run outputs
 class RunWriter:
     """Appends metrics.jsonl lines (flushed, so a crash keeps every finished step) and draws loss.png.
 
@@ -272,67 +350,129 @@ class StopFlag:
         self.requested = True
 
 
-class Throughput:
-    """Tokens per second over the last step, measured around the caller's synchronised step."""
-
-    def __init__(self) -> None:
-        self.t = time.perf_counter()
-
-    def tick(self, tokens: int) -> float:
-        now = time.perf_counter()
-        rate = tokens / max(now - self.t, 1e-9)
-        self.t = now
-        return rate
+# ------------------------------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class StepResult:
+    loss: float  # mean over the global batch; reading it waits for the step to finish
+    grad_norm: float
 
 
-# --------------------------------------------------------------------------------- training checkpoints
-def save_training_checkpoint(directory: str | Path, config: GPTConfig, state: dict[str, np.ndarray],
-                             optimizer: dict[str, np.ndarray], trainer_state: dict[str, Any]) -> Path:
-    """Write model + optimizer + trainer state to `directory`, atomically (temporary dir, then swap)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(tmp, config, state)
-    save_file({k: np.ascontiguousarray(v) for k, v in optimizer.items()}, tmp / OPTIMIZER_FILE)
-    (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if directory.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(directory, old)  # a crash from here on leaves `old` complete: load_training_checkpoint uses it
-    os.replace(tmp, directory)
-    shutil.rmtree(old, ignore_errors=True)
-    return directory
+class Backend(Protocol):
+    """What a framework gives the loop. Every method is called on every process (collectives inside are
+    fine); `is_lead` says which process writes."""
+
+    name: str  # "torch_gpt", "jax_gpt": the banner
+    is_lead: bool
+    devices: str  # "2 x cpu (DDP)", "4 x cpu (FSDP: 30 of 41 tensors sharded)": for the banner
+
+    def rows(self, batch_size: int) -> np.ndarray | None:
+        """The rows of each global batch this process feeds its devices (None: all of them)."""
+
+    def restore(self, ckpt: TrainingCheckpoint) -> None:
+        """Take weights, AdamW moments and RNG state from a checkpoint."""
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+        """One optimizer step on this process's rows (`rows`) of a global batch, (n, T) int64 each."""
+
+    def evaluate(self, batches: list[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Mean loss over whole validation batches, without dropout."""
+
+    def state(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, Any]]:
+        """(weights, AdamW moments as exp_avg.NAME / exp_avg_sq.NAME, RNG state), canonical, on the host."""
+
+    def should_stop(self, requested: bool) -> bool:
+        """True on every process once any process has been asked to stop."""
+
+    def sample(self, ids: list[int], n: int) -> list[int] | None:
+        """Greedy continuation of `ids` by n tokens (on the lead; None elsewhere)."""
 
 
-def load_training_checkpoint(directory: str | Path) -> tuple[GPTConfig, dict[str, np.ndarray],
-                                                              dict[str, np.ndarray], dict[str, Any]]:
-    """(config, model state, optimizer state, trainer state) from `save_training_checkpoint`'s directory."""
-    directory = Path(directory)
-    if not directory.exists() and directory.with_name(directory.name + ".old").exists():
-        directory = directory.with_name(directory.name + ".old")  # a crash hit between the two renames
-    if not (directory / TRAINER_STATE_FILE).is_file():
-        raise FileNotFoundError(f"no training checkpoint in {directory} (missing {TRAINER_STATE_FILE})")
-    config, state = load_checkpoint(directory)
-    optimizer = load_file(directory / OPTIMIZER_FILE)
-    expected = {f"{kind}.{k}": v.shape for k, v in state.items() for kind in ("exp_avg", "exp_avg_sq")}
-    problems = sorted(set(expected) ^ set(optimizer))
-    problems += [k for k in expected if k in optimizer and optimizer[k].shape != expected[k]]
-    if problems:
-        raise ValueError(f"{directory / OPTIMIZER_FILE} does not match the model: {problems[:10]}")
-    return config, state, optimizer, json.loads((directory / TRAINER_STATE_FILE).read_text())
+def run_training(backend: Backend, config: GPTConfig, data: TrainingData, run: RunConfig, opt: OptimizerConfig,
+                 resume: TrainingCheckpoint | None, args_record: dict[str, Any]) -> int:
+    """Train from `resume`'s step (or 0) to `run.steps` (or `run.stop_after` steps sooner); checkpoint at the
+    end, every `ckpt_every` steps and on Ctrl-C. Returns the exit status: 0, or 130 when interrupted."""
+    from tqdm import tqdm
+
+    start = 0
+    if resume is not None:
+        backend.restore(resume)
+        start = resume.step
+    lead = backend.is_lead
+    rows = backend.rows(run.batch_size)
+    val = data.validation_batches(run.micro_batch, run.eval_batches)
+    writer = RunWriter(run.out, enabled=lead, resume_step=start if resume is not None else None)
+    if lead:
+        print(f"{backend.name}: {config.n_params:,} parameters, {data.describe()}, {run.steps} steps of "
+              f"{run.batch_size} on {backend.devices}, {run.dtype}")
+
+    def save(step: int) -> None:
+        model, moments, rng = backend.state()  # a collective where parameters are sharded: every process
+        if lead:
+            TrainingCheckpoint(config, model, moments, step, backend.name, rng, args_record).save(
+                run.out / "checkpoint")
+
+    stop = run.steps if run.stop_after is None else min(run.steps, start + run.stop_after)
+    bar = tqdm(total=run.steps, initial=start, desc="train", unit="step", disable=not lead or not run.progress)
+    interrupted = StopFlag()
+    tokens_per_step = run.batch_size * data.seq_len
+    step = start
+    with interrupted:
+        while step < stop and not backend.should_stop(interrupted.requested):
+            t0 = time.perf_counter()
+            lr = opt.lr_at(step, run.steps)
+            x, y = data.batch(step, run.batch_size, rows)
+            t_data = time.perf_counter() - t0
+            result = backend.train_step(x, y, lr)
+            step += 1
+            loss = float(result.loss)  # waits for the step, so the times below measure finished work
+            t_step = time.perf_counter() - t0
+            writer.log(kind="train", step=step, loss=loss, lr=lr, grad_norm=float(result.grad_norm),
+                       tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / max(t_step, 1e-9),
+                       data_s=t_data, step_s=t_step)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / max(t_step, 1e-9):,.0f}")
+            bar.update()
+            if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
+                val_loss = backend.evaluate(val)
+                writer.log(kind="eval", step=step, val_loss=val_loss)
+                if not run.progress and lead:
+                    print(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+            if run.ckpt_every and step % run.ckpt_every == 0:
+                save(step)
+    bar.close()
+    save(step)
+    writer.close()
+    out = run.out
+    if interrupted.requested or (step < stop):
+        if lead:
+            print(f"interrupted at step {step}: checkpoint written to {out / 'checkpoint'}; continue with --resume")
+        return 130
+    ids = encode_text(data.tokenizer, run.sample_prompt)
+    sample = backend.sample(ids, run.sample_tokens) if ids else None
+    if lead:
+        if step < run.steps:
+            print(f"stopped at step {step} of {run.steps}: continue with --resume")
+        if sample is not None:
+            print(f"sample: {data.tokenizer.decode(sample)!r}")
+        print(f"wrote {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'checkpoint'}")
+    return 0
 
 
-def check_resume(args: argparse.Namespace, config: GPTConfig, ckpt_config: GPTConfig,
-                 trainer_state: dict[str, Any]) -> None:
-    """Refuse to resume when the flags describe a different model or data order than the checkpoint's."""
-    if ckpt_config != config:
-        diffs = {k: (v, getattr(ckpt_config, k)) for k, v in config.to_dict().items()
-                 if getattr(ckpt_config, k) != v}
-        raise ValueError(f"the checkpoint's config differs from the flags' (flags vs checkpoint): {diffs}")
-    saved = trainer_state.get("args", {})
-    diffs = {k: (getattr(args, k), saved[k]) for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)}
-    if diffs:
-        raise ValueError(f"--resume with flags that change the run (flags vs checkpoint): {diffs}")
+def prepare_run(args: argparse.Namespace) -> tuple[GPTConfig, TrainingData, RunConfig, OptimizerConfig,
+                                                   TrainingCheckpoint | None]:
+    """The CLI's flags -> (model config, data, run, optimizer, checkpoint to resume): every error here comes
+    before any training work."""
+    check_args(args)
+    config = model_config(args)
+    data = open_training_data(data_config(args), config, seed=args.seed)
+    data.check_batch_size(args.batch_size)
+    resume = None
+    if args.resume:
+        resume = TrainingCheckpoint.load(Path(args.out) / "checkpoint")
+        resume.check_matches(args, config)
+    run = RunConfig.from_args(args, total_steps(data, args.batch_size, args.steps, args.epochs))
+    return config, data, run, OptimizerConfig.from_args(args), resume
+
+
+def args_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags as the checkpoint keeps them (JSON-able)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -1,7 +1,8 @@
 """`python -m jax_gpt.train`: train a GPT under `jax.jit`, resumable, over every visible device.
 
-The flags, data order, schedule and outputs are those of `torch_gpt.train` (see gpt_core/training.py), so
-the two trainers' runs compare step by step. Devices: a `Mesh` with one `data` axis over every visible
+The flags, batches, schedule, outputs and the loop itself are shared with `torch_gpt.train`
+(gpt_core/training.py), so the two trainers' runs compare step by step; this file holds only what is JAX's:
+`JaxBackend`. Devices: a `Mesh` with one `data` axis over every visible
 device (or `--devices N`); each batch is sharded over it, parameters are replicated, or with `--fsdp`
 sharded along their first dimension together with the optimizer state. Multi-host: every process runs
 this command; `--distributed` lets `jax.distributed.initialize()` find the job from its cluster (SLURM,
@@ -17,25 +18,17 @@ import argparse
 import os
 import sys
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
 from gpt_core.training import (
-    BatchStream,
-    RunWriter,
-    StopFlag,
-    Throughput,
+    OptimizerConfig,
+    StepResult,
+    TrainingCheckpoint,
+    args_record,
     build_parser,
-    check_args,
-    check_resume,
-    load_training_checkpoint,
-    lr_at,
-    model_config,
-    prepare_data,
-    save_training_checkpoint,
-    total_steps,
-    validation_batches,
+    prepare_run,
+    run_training,
 )
 
 
@@ -81,25 +74,19 @@ def join_job(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_args(args)
         if args.dtype == "float16":
             raise ValueError("--dtype float16 needs loss scaling, which only torch_gpt.train has; use bfloat16")
         join_job(args)
-        config = model_config(args)
-        data = prepare_data(args, config)
-        resume = None
-        if args.resume:
-            resume = load_training_checkpoint(Path(args.out) / "checkpoint")
-            check_resume(args, config, resume[0], resume[3])
+        config, data, run, opt, resume = prepare_run(args)
         mesh = make_mesh(args.devices)
-        micro = args.batch_size // args.grad_accum
-        if micro % mesh.size:
-            raise ValueError(f"the micro-batch ({args.batch_size} / grad-accum {args.grad_accum} = {micro}) "
-                             f"does not split evenly over {mesh.size} devices")
+        if run.micro_batch % mesh.size:
+            raise ValueError(f"the micro-batch ({args.batch_size} / grad-accum {args.grad_accum} = "
+                             f"{run.micro_batch}) does not split evenly over {mesh.size} devices")
+        backend = JaxBackend(args, config, opt, mesh, resume)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return train(args, config, data, resume, mesh)
+    return run_training(backend, config, data, run, opt, resume, args_record(args))
 
 
 def make_mesh(n: int | None):
@@ -127,8 +114,8 @@ def param_sharding(mesh, fsdp: bool):
     return spec
 
 
-def make_optimizer(args):
-    """AdamW as optax composes it, with the learning rate applied in the step: the same lr_at as torch."""
+def make_optimizer(args: OptimizerConfig):
+    """AdamW as optax composes it, with the learning rate applied in the step: the same schedule as torch."""
     import jax
     import optax
 
@@ -201,16 +188,6 @@ def to_mesh(tree, sharding_of):
     return jax.tree.map(put, tree)
 
 
-def agree_to_stop(flag: StopFlag) -> bool:
-    """True once any process has been asked to stop: all must leave the loop at the same step."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    if jax.process_count() > 1:
-        flag.requested = bool(np.any(multihost_utils.process_allgather(np.int32(flag.requested))))
-    return flag.requested
-
-
 def rng_leaves(rest) -> list:
     """Dropout RNG state (keys and counters) as JSON-able lists, and back with `set_rng_leaves`."""
     import jax
@@ -230,160 +207,160 @@ def set_rng_leaves(rest, saved: list):
     return jax.tree.unflatten(treedef, new)
 
 
-def train(args, config, data, resume, mesh) -> int:
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from jax.experimental import multihost_utils
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-    from tqdm import tqdm
+class JaxBackend:
+    """One process of a run: parameters, optimizer state and dropout RNG state as global arrays on the mesh,
+    and the jitted step (a scan over micro-batches, buffers donated)."""
 
-    import jax_gpt
-    from gpt_core.tokenizer import encode_text
-    from jax_gpt.model import cross_entropy_loss
+    name = "jax_gpt"
 
-    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    runtime = dict(dtype=dtype, param_dtype=jnp.float32, attn_impl=args.attn_impl)
-    if args.init_from is not None and resume is None:
-        model = jax_gpt.GPTModel.from_pretrained(args.init_from, rngs=nnx.Rngs(args.seed), **runtime)
-    else:
-        model = jax_gpt.GPTModel(config, rngs=nnx.Rngs(args.seed), **runtime)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(args)
-    spec = param_sharding(mesh, args.fsdp)
-    params = to_mesh(params, spec)
-    opt_state = to_mesh(tx.init(params), spec)
-    steps = total_steps(args, len(data.train_x))
-    stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed)
-    start = 0
-    if resume is not None:
-        _, state, moments, trainer_state = resume
-        params = from_canonical(params, state)
-        adam = adam_state(opt_state)
-        moment = lambda kind: {k.removeprefix(kind + "."): v for k, v in moments.items()  # noqa: E731
-                               if k.startswith(kind + ".")}
-        new_adam = adam._replace(count=jnp.asarray(trainer_state["step"], adam.count.dtype),
-                                 mu=from_canonical(adam.mu, moment("exp_avg")),
-                                 nu=from_canonical(adam.nu, moment("exp_avg_sq")))
-        opt_state = jax.tree.map(lambda s: new_adam if s is adam else s, opt_state,
-                                 is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-        if "jax" in trainer_state["rng"]:
-            rest = set_rng_leaves(rest, trainer_state["rng"]["jax"])
-        elif config.drop_rate > 0:
-            print("note: the checkpoint has no JAX RNG state (a torch run?): dropout masks start afresh")
-        start = trainer_state["step"]
-        stream = BatchStream(data.train_x, data.train_y, args.batch_size, args.seed, **trainer_state["data"])
+    def __init__(self, args: argparse.Namespace, config, opt: OptimizerConfig, mesh, resume):
+        import jax
+        import jax.numpy as jnp
+        import optax
+        from flax import nnx
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
-    replicated = NamedSharding(mesh, P())
-    rest = to_mesh(rest, lambda x: replicated)  # dropout RNG state, after any resume replaced it
-    accum, micro = args.grad_accum, args.batch_size // args.grad_accum
-    batch_sharding = NamedSharding(mesh, P(None, "data", None))  # (accum, micro, T): micro-batches split
+        import jax_gpt
+        from jax_gpt.model import cross_entropy_loss
 
-    def loss_fn(params, rest, x, y):
-        m = nnx.merge(graphdef, params, rest)
-        loss = cross_entropy_loss(m(x, deterministic=False), y)
-        return loss, nnx.state(m, nnx.Not(nnx.Param))  # dropout RNG counters advanced
+        self.config, self.mesh, self.is_lead = config, mesh, jax.process_index() == 0
+        dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+        runtime = dict(dtype=dtype, param_dtype=jnp.float32, attn_impl=args.attn_impl)
+        if args.init_from is not None and resume is None:
+            model = jax_gpt.GPTModel.from_pretrained(args.init_from, rngs=nnx.Rngs(args.seed), **runtime)
+        else:
+            model = jax_gpt.GPTModel(config, rngs=nnx.Rngs(args.seed), **runtime)
+        self.model = model
+        self.graphdef, params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.tx = tx = make_optimizer(opt)
+        self.spec = param_sharding(mesh, args.fsdp)
+        self.params = to_mesh(params, self.spec)
+        self.opt_state = to_mesh(tx.init(self.params), self.spec)
+        self.replicated = NamedSharding(mesh, P())
+        self.rest = to_mesh(self.rest, lambda x: self.replicated)  # dropout RNG state
+        self.accum = accum = args.grad_accum
+        self.batch_sharding = NamedSharding(mesh, P(None, "data", None))  # (accum, micro, T): micro-batches split
+        graphdef = self.graphdef
+        n_sharded = sum(1 for x in jax.tree.leaves(self.params) if not x.sharding.is_fully_replicated)
+        fsdp = f" (FSDP: {n_sharded} of {len(jax.tree.leaves(self.params))} tensors sharded)" if args.fsdp else ""
+        self.devices = f"{mesh.size} x {mesh.devices.flat[0].platform}{fsdp}"
 
-    @partial(jax.jit, donate_argnums=(0, 1, 2))
-    def train_step(params, opt_state, rest, x, y, lr):
-        def micro_step(carry, xy):
-            grads, loss, rest = carry
-            (micro_loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, *xy)
-            return (jax.tree.map(jnp.add, grads, g), loss + micro_loss, rest), None
+        def loss_fn(params, rest, x, y):
+            # copy=True: fresh Variables at this trace level. Reusing the carried ones (created at the scan's
+            # level) makes dropout's RNG counter raise "Cannot mutate RngCount from a different trace level".
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            loss = cross_entropy_loss(m(x, deterministic=False), y)
+            return loss, nnx.state(m, nnx.Not(nnx.Param))  # dropout RNG counters advanced
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss, rest), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0), rest), (x, y))
-        grads = jax.tree.map(lambda g: g / accum, grads)
-        norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-        return params, opt_state, rest, loss / accum, norm
+        @partial(jax.jit, donate_argnums=(0, 1, 2))
+        def train_step(params, opt_state, rest, x, y, lr):
+            def micro_step(carry, xy):
+                grads, loss, rest = carry
+                (micro_loss, rest), g = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, *xy)
+                return (jax.tree.map(jnp.add, grads, g), loss + micro_loss, rest), None
 
-    @jax.jit
-    def eval_loss(params, rest, x, y):
-        return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x), y)
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, loss, rest), _ = jax.lax.scan(micro_step, (zeros, jnp.float32(0), rest), (x, y))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
+            return params, opt_state, rest, loss / accum, norm
 
-    def place(a: np.ndarray, sharding):
-        """A global array from the batch every process holds: each process places its own devices' rows."""
+        @jax.jit
+        def eval_loss(params, rest, x, y):
+            return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x), y)
+
+        self._train_step, self._eval_loss = train_step, eval_loss
+        self._batch_size = args.batch_size
+        self._local_rows = self.rows(args.batch_size)
+
+    def rows(self, batch_size: int) -> np.ndarray | None:
+        """The rows of the global batch that this process's devices hold (all of them on one host)."""
+        import jax
+
+        if jax.process_count() == 1:
+            return None
+        micro = batch_size // self.accum
+        shape = (self.accum, micro, 1)
+        local = set()
+        for idx in self.batch_sharding.addressable_devices_indices_map(shape).values():
+            local.update(range(*idx[1].indices(micro)))
+        return np.array([m * micro + r for m in range(self.accum) for r in sorted(local)])
+
+    def _place(self, a: np.ndarray, sharding, rows: np.ndarray | None = None, n: int | None = None):
+        """A global array from this process's rows of it: each process places its own devices' part."""
+        import jax
+
+        if rows is not None:  # scatter the rows this process read into a global-shaped host buffer
+            full = np.zeros((n, a.shape[1]), np.int32)
+            full[rows] = a
+            a = full
         a = a.astype(np.int32)
+        if sharding is self.batch_sharding:
+            a = a.reshape(self.accum, -1, a.shape[-1])
         return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
-    def put_batch(a: np.ndarray):
-        return place(a.reshape(accum, micro, -1), batch_sharding)
+    def restore(self, ckpt: TrainingCheckpoint) -> None:
+        import jax
+        import jax.numpy as jnp
+        import optax
 
-    lead = jax.process_index() == 0
-    n_sharded = sum(1 for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated)
-    out = Path(args.out)
-    writer = RunWriter(out, enabled=lead, resume_step=start if resume is not None else None)
-    val = validation_batches(data, micro, args.eval_batches)
-    if lead:
-        print(f"jax_gpt: {config.n_params:,} parameters, {len(data.train_x)} windows of {data.train_x.shape[1]} "
-              f"tokens, {steps} steps of {args.batch_size} on {mesh.size} x {mesh.devices.flat[0].platform}"
-              f"{f' (FSDP: {n_sharded} of {len(jax.tree.leaves(params))} tensors sharded)' if args.fsdp else ''}, "
-              f"{args.dtype}")
+        self.params = from_canonical(self.params, ckpt.model)
+        adam = adam_state(self.opt_state)
+        new_adam = adam._replace(count=jnp.asarray(ckpt.step, adam.count.dtype),
+                                 mu=from_canonical(adam.mu, ckpt.moments("exp_avg")),
+                                 nu=from_canonical(adam.nu, ckpt.moments("exp_avg_sq")))
+        self.opt_state = jax.tree.map(lambda s: new_adam if s is adam else s, self.opt_state,
+                                      is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+        if "jax" in ckpt.rng:
+            self.rest = to_mesh(set_rng_leaves(self.rest, ckpt.rng["jax"]), lambda x: self.replicated)
+        elif self.config.drop_rate > 0 and self.is_lead:
+            print("note: the checkpoint has no JAX RNG state (a torch run?): dropout masks start afresh")
 
-    def evaluate() -> float:
-        vals = [float(eval_loss(params, rest, place(x, replicated), place(y, replicated))) for x, y in val]
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
+        import jax.numpy as jnp
+
+        rows, n = self._local_rows, self._batch_size
+        self.params, self.opt_state, self.rest, loss, norm = self._train_step(
+            self.params, self.opt_state, self.rest, self._place(x, self.batch_sharding, rows, n),
+            self._place(y, self.batch_sharding, rows, n), jnp.float32(lr))
+        return StepResult(float(loss), float(norm))
+
+    def evaluate(self, batches) -> float:
+        vals = [float(self._eval_loss(self.params, self.rest, self._place(x, self.replicated),
+                                      self._place(y, self.replicated))) for x, y in batches]
         return float(np.mean(vals)) if vals else float("nan")
 
-    def save(step: int) -> None:
-        adam = adam_state(opt_state)
+    def state(self):
+        adam = adam_state(self.opt_state)
         moments = {f"exp_avg.{k}": v for k, v in canonical_tree(adam.mu).items()}
         moments |= {f"exp_avg_sq.{k}": v for k, v in canonical_tree(adam.nu).items()}
-        state = canonical_tree(params)  # gathered on every host (a collective), written by the first
-        if lead:
-            trainer_state = {"step": step, "data": stream.position(), "framework": "jax",
-                             "rng": {"jax": rng_leaves(rest)}, "args": vars(args)}
-            save_training_checkpoint(out / "checkpoint", config, state, moments, trainer_state)
+        return canonical_tree(self.params), moments, {"jax": rng_leaves(self.rest)}  # gathered on every host
 
-    stop = steps if args.stop_after is None else min(steps, start + args.stop_after)
-    bar = tqdm(total=steps, initial=start, desc="train", unit="step", disable=not lead or args.no_progress)
-    interrupted = StopFlag()
-    clock = Throughput()
-    batches = iter(stream)
-    step = start
-    with interrupted:
-        while step < stop and not agree_to_stop(interrupted):
-            lr = lr_at(step, args.lr, args.min_lr, args.warmup_steps, steps)
-            x, y = next(batches)
-            params, opt_state, rest, loss, norm = train_step(params, opt_state, rest, put_batch(x), put_batch(y),
-                                                             jnp.float32(lr))
-            step += 1
-            loss_value = float(loss)  # waits for the step, so the rate below measures finished work
-            rate = clock.tick(args.batch_size * x.shape[1])
-            writer.log(kind="train", step=step, loss=loss_value, lr=lr, grad_norm=float(norm),
-                       tokens=step * args.batch_size * x.shape[1], tokens_per_s=rate)
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-            bar.update()
-            if (args.eval_every and step % args.eval_every == 0) or step == steps:
-                val_loss = evaluate()
-                writer.log(kind="eval", step=step, val_loss=val_loss)
-                if args.no_progress and lead:
-                    print(f"step {step}: train loss {loss_value:.4f}, val loss {val_loss:.4f}")
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                save(step)
-    bar.close()
-    save(step)
-    writer.close()
-    if interrupted.requested:
-        if lead:
-            print(f"interrupted at step {step}: checkpoint written to {out / 'checkpoint'}; continue with --resume")
-        return 130
-    ids = encode_text(data.tokenizer, args.sample_prompt)
-    if ids:  # every process takes part in gathering the parameters; the first samples
-        host_params = jax.tree.map(lambda x: x if x.is_fully_addressable else multihost_utils.process_allgather(
-            x, tiled=True), params)
-    if lead:
-        if step < steps:
-            print(f"stopped at step {step} of {steps}: continue with --resume")
-        if ids:
-            nnx.update(model, jax.device_get(host_params))
-            sample = jax_gpt.generate(model, np.asarray([ids]), args.sample_tokens)
-            print(f"sample: {data.tokenizer.decode(np.asarray(sample[0]).tolist())!r}")
-        print(f"wrote {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'checkpoint'}")
-    return 0
+    def should_stop(self, requested: bool) -> bool:
+        import jax
+        from jax.experimental import multihost_utils
+
+        if jax.process_count() > 1:
+            requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+        return requested
+
+    def sample(self, ids: list[int], n: int) -> list[int] | None:
+        import jax
+        from flax import nnx
+        from jax.experimental import multihost_utils
+
+        import jax_gpt
+
+        # every process takes part in gathering the parameters; the first samples
+        host = jax.tree.map(lambda x: x if x.is_fully_addressable else multihost_utils.process_allgather(
+            x, tiled=True), self.params)
+        if not self.is_lead:
+            return None
+        nnx.update(self.model, jax.device_get(host))
+        return np.asarray(jax_gpt.generate(self.model, np.asarray([ids]), n)[0]).tolist()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def test_outputs(setup, capsys):
     assert main(args + ["--out", str(d / "a")]) == 0
     train, rows = losses(d / "a")
     assert len(train) == 8 and train[-1] < train[0]
-    assert set(rows[0]) == {"kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"}
+    assert set(rows[0]) == {"kind", "step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "data_s", "step_s"}
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [4, 8]
     assert (d / "a" / "loss.png").stat().st_size > 0
     model = GPTModel.from_pretrained(d / "a" / "checkpoint")  # the final checkpoint is a model checkpoint
