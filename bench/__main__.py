@@ -25,8 +25,10 @@ DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton ker
            interpreter correctness sweep
   compile  every Triton kernel configuration compiled for sm_80 and sm_90 without a GPU: registers,
            spills, shared memory, tensor-core instructions; exit 1 if any configuration spills
+  data     prepare tokens/s (1 and 2 workers vs a plain tiktoken loop) on a generated 200 MB corpus; the
+           trainers' peak memory on 10M- and 1B-token shard datasets, and their time waiting for data
 
-No subcommand: all four on defaults (kernels and compile on their --quick subsets).
+No subcommand: all five on defaults (kernels, compile and data on their --quick subsets).
 Outputs: a terminal table, and --json/--csv/--plot files."""
 
 
@@ -52,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p, top=True)
-    sub = p.add_subparsers(dest="command", metavar="{parity,speed,kernels,compile}")
+    sub = p.add_subparsers(dest="command", metavar="{parity,speed,kernels,compile,data}")
     par = sub.add_parser("parity", help="torch vs jax: same function?",
                          formatter_class=HelpFormatter)
     add_model(par, batch=2, seq_len=64)
@@ -82,6 +84,18 @@ def parser() -> argparse.ArgumentParser:
     com.add_argument("--quick", action="store_true", help="a subset of configurations (bf16/fp32, D 64 and 128)")
     com.add_argument("--kernel", default=None, help="one kernel only, e.g. attn_fwd, ln_fwd")
     add_common(com)
+    dat = sub.add_parser("data", help="prepare throughput, trainer memory and data wait on token shards",
+                         formatter_class=HelpFormatter)
+    dat.add_argument("--quick", action="store_true", help="small sizes (2 MB corpus, 100k/1M tokens, 3 steps)")
+    dat.add_argument("--stage", action="append", choices=["prepare", "trainer"], help="only these (repeatable)")
+    dat.add_argument("--trainer", action="append", choices=["torch", "jax"], help="only these trainers (repeatable)")
+    dat.add_argument("--corpus-mb", type=float, default=None, help="generated corpus size in MB (default 200)")
+    dat.add_argument("--workers", type=int, action="append", help="prepare worker counts (default 1 and 2)")
+    dat.add_argument("--small-tokens", type=int, default=None, help="tokens of the small dataset (default 10^7)")
+    dat.add_argument("--large-tokens", type=int, default=None, help="tokens of the large dataset (default 10^9)")
+    dat.add_argument("--steps", type=int, default=None, help="trainer steps per run (default 20)")
+    dat.add_argument("--tmp", default=None, help="folder for the corpus and datasets (default: the system's)")
+    add_common(dat)
     return p
 
 
@@ -124,10 +138,19 @@ def run_compile(args) -> list[report.Row]:
                                      only=args.kernel, progress=progress)
 
 
+def run_data(args) -> list[report.Row]:
+    from bench import data
+
+    return data.run(quick=args.quick, stages=tuple(args.stage or data.STAGES),
+                    trainers=tuple(args.trainer or data.TRAINERS), corpus_mb=args.corpus_mb,
+                    workers=tuple(args.workers or (1, 2)), small_tokens=args.small_tokens,
+                    large_tokens=args.large_tokens, steps=args.steps, tmp=args.tmp, progress=progress)
+
+
 # `python -m bench` with no subcommand: each suite on its defaults, the Triton ones on their quick subsets,
 # so that the whole run stays within a few minutes on a 2-core CPU.
 NO_SUBCOMMAND = {"parity": ["parity"], "speed": ["speed"], "kernels": ["kernels", "--quick"],
-                 "compile": ["compile", "--quick"]}
+                 "compile": ["compile", "--quick"], "data": ["data", "--quick"]}
 
 
 def defaults(command: str) -> argparse.Namespace:
@@ -147,7 +170,8 @@ def check(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    runners = {"parity": run_parity, "speed": run_speed, "kernels": run_kernels, "compile": run_compile}
+    runners = {"parity": run_parity, "speed": run_speed, "kernels": run_kernels, "compile": run_compile,
+               "data": run_data}
     suites = [args.command] if args.command else list(runners)
     rows: list[report.Row] = []
     t0 = time.perf_counter()

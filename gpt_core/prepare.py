@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -127,57 +128,101 @@ def resolve_inputs(inputs: Iterable[str | Path]) -> list[Source]:
     return sources
 
 
-def _open_binary(src: Source):
-    return gzip.open(src.path, "rb") if src.gz else open(src.path, "rb")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _decode(data: bytes, where: str, errors: str, stats: dict) -> str:
+def _not_utf8(where: str, e: UnicodeDecodeError, data: bytes, base: int = 0, gz: bool = False) -> PrepareError:
+    return PrepareError(f"{where}, byte offset {base + e.start}{' (decompressed)' if gz else ''}: not UTF-8 "
+                        f"({e.reason}: {data[e.start:e.start + 4]!r}); pass --errors replace to replace such bytes "
+                        "with U+FFFD and go on")
+
+
+@contextlib.contextmanager
+def _gzip_errors(path: Path) -> Iterator[None]:
+    """Re-raise a broken gzip stream as an error that names the file."""
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if errors == "strict":
-            raise PrepareError(f"{where}, byte offset {e.start}: not UTF-8 ({e.reason}: "
-                               f"{data[e.start:e.start + 4]!r}); pass --errors replace to replace such bytes with "
-                               "U+FFFD and go on") from None
-        stats["documents_with_replaced_bytes"] += 1
-        return data.decode("utf-8", errors="replace")
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise PrepareError(f"{path}: not a readable gzip file ({type(e).__name__}: {e})") from None
 
 
-def _txt_documents(src: Source, errors: str, stats: dict) -> Iterator[tuple[str, str]]:
-    with _open_binary(src) as f:
-        data = f.read()
-    yield str(src.path), _decode(data, f"{src.path}" + (" (decompressed)" if src.gz else ""), errors, stats)
+# Work items, the unit a worker gets: the main process only lists .txt files and cuts .jsonl files into
+# runs of raw lines; workers read, decode, parse and tokenise, so the main process stays light.
+#   ("txt", path)                            one document: the whole file
+#   ("jsonl", path, first_lineno, first_byte_offset, [raw lines])
+#   ("docs", [(where, text), ...])            documents already decoded (Hugging Face rows)
+def _work_items(sources: Iterable[Source], text_key: str, hf_split: str, max_bytes: int
+                ) -> Iterator[tuple[tuple, int]]:
+    """(item, its size in bytes) for every source, in order."""
+    for src in sources:
+        if src.kind == "txt":
+            yield ("txt", str(src.path)), src.path.stat().st_size
+        elif src.kind == "jsonl":
+            with _gzip_errors(src.path), _open_binary(src.path) as f:
+                lines, size, lineno, offset = [], 0, 1, 0
+                for line in f:
+                    lines.append(line)
+                    size += len(line)
+                    if size >= max_bytes:
+                        yield ("jsonl", str(src.path), lineno, offset, lines), size
+                        lineno, offset, lines, size = lineno + len(lines), offset + size, [], 0
+                if lines:
+                    yield ("jsonl", str(src.path), lineno, offset, lines), size
+        else:
+            docs, size = [], 0
+            for doc in _hf_documents(src, text_key, hf_split):
+                docs.append(doc)
+                size += len(doc[1])
+                if size >= max_bytes:
+                    yield ("docs", docs), size
+                    docs, size = [], 0
+            if docs:
+                yield ("docs", docs), size
 
 
-def _jsonl_documents(src: Source, text_key: str, errors: str, stats: dict) -> Iterator[tuple[str, str]]:
-    offset = 0
-    with _open_binary(src) as f:
-        for lineno, line in enumerate(f, 1):
-            where = f"{src.path} line {lineno}"
-            start, offset = offset, offset + len(line)
-            if not line.strip():
-                continue
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                if errors == "strict":
-                    raise PrepareError(
-                        f"{where}, byte offset {start + e.start}{' (decompressed)' if src.gz else ''}: not UTF-8 "
-                        f"({e.reason}: {line[e.start:e.start + 4]!r}); pass --errors replace to replace such "
-                        "bytes with U+FFFD and go on") from None
-                stats["documents_with_replaced_bytes"] += 1
-                text = line.decode("utf-8", errors="replace")
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise PrepareError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict) or text_key not in record:
-                keys = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
-                raise PrepareError(f"{where} has no key {text_key!r} (it has {keys}); choose the key with --text-key")
-            value = record[text_key]
-            if not isinstance(value, str):
-                raise PrepareError(f"{where}: {text_key!r} is a {type(value).__name__}, not a string")
-            yield where, value
+def _item_documents(item: tuple, text_key: str, errors: str, stats: dict) -> Iterator[tuple[str, str]]:
+    """(where, text) of every document of a work item, empty ones included."""
+    if item[0] == "docs":
+        yield from item[1]
+        return
+    path = Path(item[1])
+    gz = path.name.endswith(".gz")
+    if item[0] == "txt":
+        with _gzip_errors(path), _open_binary(path) as f:
+            data = f.read()
+        try:
+            yield str(path), data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if errors == "strict":
+                raise _not_utf8(str(path), e, data, gz=gz) from None
+            stats["documents_with_replaced_bytes"] += 1
+            yield str(path), data.decode("utf-8", errors="replace")
+        return
+    _, _, first_lineno, offset, lines = item
+    for lineno, line in enumerate(lines, first_lineno):
+        where = f"{path} line {lineno}"
+        start, offset = offset, offset + len(line)
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if errors == "strict":
+                raise _not_utf8(where, e, line, start, gz) from None
+            stats["documents_with_replaced_bytes"] += 1
+            text = line.decode("utf-8", errors="replace")
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{where} is not JSON: {e.msg} (column {e.colno})") from None
+        if not isinstance(record, dict) or text_key not in record:
+            keys = sorted(record)[:10] if isinstance(record, dict) else type(record).__name__
+            raise PrepareError(f"{where} has no key {text_key!r} (it has {keys}); choose the key with --text-key")
+        value = record[text_key]
+        if not isinstance(value, str):
+            raise PrepareError(f"{where}: {text_key!r} is a {type(value).__name__}, not a string")
+        yield where, value
 
 
 def _hf_documents(src: Source, text_key: str, split: str) -> Iterator[tuple[str, str]]:
@@ -205,35 +250,29 @@ def _hf_documents(src: Source, text_key: str, split: str) -> Iterator[tuple[str,
 
 def iter_documents(sources: Iterable[Source], *, text_key: str = "text", errors: str = "strict",
                    hf_split: str = "train", stats: dict | None = None) -> Iterator[tuple[str, str]]:
-    """(where, text) for every non-empty document, streamed in order; `where` names its file and line or row."""
+    """(where, text) for every non-empty document, streamed in order; `where` names its file and line or row.
+
+    The documents `prepare` tokenises, read in this process (prepare reads them in its workers)."""
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors must be 'strict' or 'replace', got {errors!r}")
     stats = stats if stats is not None else collections.Counter()
-    for src in sources:
-        try:
-            if src.kind == "txt":
-                docs = _txt_documents(src, errors, stats)
-            elif src.kind == "jsonl":
-                docs = _jsonl_documents(src, text_key, errors, stats)
+    for item, _ in _work_items(sources, text_key, hf_split, BATCH_CHARS):
+        for where, text in _item_documents(item, text_key, errors, stats):
+            if text:
+                yield where, text
             else:
-                docs = _hf_documents(src, text_key, hf_split)
-            for where, text in docs:
-                if text:
-                    yield where, text
-                else:
-                    stats["empty_documents_skipped"] += 1
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            raise PrepareError(f"{src.path}: not a readable gzip file ({type(e).__name__}: {e})") from None
+                stats["empty_documents_skipped"] += 1
 
 
 # ----------------------------------------------------------------------------------------- tokenising
 class _Encoder:
-    """Documents -> one array of their tokens, each document followed by the end-of-text token."""
+    """Work items -> one array of their documents' tokens, each document followed by the end-of-text token."""
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, text_key: str = "text", errors: str = "strict"):
         from gpt_core.tokenizer import WordTokenizer, get_tokenizer
 
         tok = get_tokenizer(spec)
+        self.text_key, self.errors = text_key, errors
         self.dtype = token_dtype(tok.n_vocab)
         if isinstance(tok, WordTokenizer):
             if tok.eot_token is None:
@@ -246,55 +285,60 @@ class _Encoder:
             self.encode = lambda text: np.asarray(tok.encode_ordinary(text), dtype=np.uint32)
         self.eot = tok.eot_token
 
-    def __call__(self, batch: list[tuple[str, str]]) -> np.ndarray:
+    def __call__(self, items: list[tuple]) -> tuple[np.ndarray, collections.Counter]:
+        """(tokens, counts of documents, empty documents skipped and documents with replaced bytes)."""
+        stats: collections.Counter = collections.Counter()
         parts = []
-        for where, text in batch:
-            try:
-                parts.append(self.encode(text))
-            except ValueError as e:
-                raise PrepareError(f"{where}: {e}") from None
+        for item in items:
+            for where, text in _item_documents(item, self.text_key, self.errors, stats):
+                if not text:
+                    stats["empty_documents_skipped"] += 1
+                    continue
+                try:
+                    parts.append(self.encode(text))
+                except ValueError as e:
+                    raise PrepareError(f"{where}: {e}") from None
+        stats["documents"] += len(parts)
         out = np.empty(sum(len(p) for p in parts) + len(parts), dtype=self.dtype)
         i = 0
         for p in parts:
             out[i:i + len(p)] = p
             out[i + len(p)] = self.eot
             i += len(p) + 1
-        return out
+        return out, stats
 
 
 _WORKER: _Encoder | None = None
 
 
-def _init_worker(spec: str) -> None:
+def _init_worker(spec: str, text_key: str, errors: str) -> None:
     global _WORKER
-    _WORKER = _Encoder(spec)
+    _WORKER = _Encoder(spec, text_key, errors)
 
 
-def _encode_in_worker(batch: list[tuple[str, str]]) -> np.ndarray:
-    return _WORKER(batch)
+def _encode_in_worker(items: list[tuple]) -> tuple[np.ndarray, collections.Counter]:
+    return _WORKER(items)
 
 
-def _batches(docs: Iterable[tuple[str, str]], max_chars: int | None = None) -> Iterator[list[tuple[str, str]]]:
-    max_chars = max_chars or BATCH_CHARS
-    batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc[1])
-        if chars >= max_chars:
+def _batches(items: Iterable[tuple[tuple, int]], max_bytes: int) -> Iterator[list[tuple]]:
+    batch, size = [], 0
+    for item, n in items:
+        batch.append(item)
+        size += n
+        if size >= max_bytes:
             yield batch
-            batch, chars = [], 0
+            batch, size = [], 0
     if batch:
         yield batch
 
 
-def encode_batches(batches: Iterable[list[tuple[str, str]]], spec: str, workers: int
-                   ) -> Iterator[tuple[int, np.ndarray]]:
-    """(documents, tokens) per batch, in order. More than one worker: a process pool with a bounded queue
-    (Pool.imap would read the whole corpus ahead); one worker: this process."""
+def encode_batches(batches: Iterable[list[tuple]], encoder: _Encoder, spec: str, workers: int
+                   ) -> Iterator[tuple[np.ndarray, collections.Counter]]:
+    """(tokens, counts) per batch of work items, in order. More than one worker: a process pool with a
+    bounded queue (Pool.imap would read the whole corpus ahead); one worker: this process."""
     if workers == 1:
-        enc = _Encoder(spec)
         for b in batches:
-            yield len(b), enc(b)
+            yield encoder(b)
         return
     import multiprocessing as mp
 
@@ -302,16 +346,15 @@ def encode_batches(batches: Iterable[list[tuple[str, str]]], spec: str, workers:
     # a second or more). The pool starts before any document is read or the progress bar exists, so no
     # thread of ours (tqdm's monitor, Arrow's readers) is running to leave a lock held in the children.
     method = "fork" if sys.platform == "linux" else None
-    with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
+    with mp.get_context(method).Pool(workers, initializer=_init_worker,
+                                     initargs=(spec, encoder.text_key, encoder.errors)) as pool:
         pending: collections.deque = collections.deque()
         for b in batches:
-            pending.append((len(b), pool.apply_async(_encode_in_worker, (b,))))
+            pending.append(pool.apply_async(_encode_in_worker, (b,)))
             if len(pending) >= INFLIGHT_PER_WORKER * workers:
-                n, r = pending.popleft()
-                yield n, r.get()
+                yield pending.popleft().get()
         while pending:
-            n, r = pending.popleft()
-            yield n, r.get()
+            yield pending.popleft().get()
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -420,7 +463,7 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, *, tokenizer: str = "
     if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
         raise PrepareError(f"--prefix must be a plain file-name prefix, got {prefix!r}")
     sources = resolve_inputs(inputs)
-    encoder = _Encoder(tokenizer)  # the tokenizer loads and has an end-of-text token, before any work
+    encoder = _Encoder(tokenizer, text_key, errors)  # the tokenizer loads and has an end-of-text token
     name, sha256 = tokenizer_identity(tokenizer)
     from gpt_core.tokenizer import get_tokenizer
 
@@ -429,19 +472,20 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, *, tokenizer: str = "
     _prepare_out_dir(out, overwrite)
     stats: collections.Counter = collections.Counter()
     shards = _Shards(out, prefix, n_vocab, shard_tokens, val_tokens)
-    docs = iter_documents(sources, text_key=text_key, errors=errors, hf_split=hf_split, stats=stats)
+    items = _work_items(sources, text_key, hf_split, BATCH_CHARS)
     n_docs = n_tokens = 0
     t0 = time.perf_counter()
     from tqdm import tqdm
 
     bar = None
     try:
-        for n, tokens in encode_batches(_batches(docs), tokenizer, workers):
+        for tokens, counts in encode_batches(_batches(items, BATCH_CHARS), encoder, tokenizer, workers):
             if bar is None:  # after the pool has started: no thread of tqdm's in the workers
                 bar = tqdm(desc=f"prepare {out}", unit="tok", unit_scale=True, disable=not progress,
                            dynamic_ncols=True)
             shards.write(tokens)
-            n_docs, n_tokens = n_docs + n, n_tokens + len(tokens)
+            stats.update(counts)
+            n_docs, n_tokens = stats["documents"], n_tokens + len(tokens)
             bar.update(len(tokens))
             bar.set_postfix(docs=n_docs, refresh=False)
         if n_docs == 0:

@@ -165,7 +165,7 @@ def write(path: Path, data: bytes) -> Path:
 
 @pytest.mark.parametrize("name, data, message", [
     ("a.txt", b"caf\xc3\xa9 ok \xff then", r"a.txt, byte offset 9: not UTF-8 \(invalid start byte: b'\\xff th'\)"),
-    ("a.txt.gz", gzip.compress(b"ok\x80"), r"a.txt.gz \(decompressed\), byte offset 2: not UTF-8"),
+    ("a.txt.gz", gzip.compress(b"ok\x80"), r"a.txt.gz, byte offset 2 \(decompressed\): not UTF-8"),
     ("a.jsonl", b'{"text": "fine"}\n{"text": "bad \xfe"}\n', r"a.jsonl line 2, byte offset 31: not UTF-8"),
     ("a.jsonl", b'{"text": "fine"}\n\n{"text": oops}\n', r"a.jsonl line 3 is not JSON: Expecting value"),
     ("a.jsonl", b'{"text": "fine"}\n{"body": "x"}\n', r"a.jsonl line 2 has no key 'text' \(it has \['body'\]\)"),
@@ -183,6 +183,21 @@ def test_bad_input_names_the_file_and_leaves_no_dataset(tmp_path, name, data, me
     assert str(src) in str(e.value) or "hold no documents" in message
     assert not (tmp_path / "o" / MANIFEST).exists()
     assert not list(tmp_path.glob("o/*.bin")) and not list(tmp_path.glob("o/.*.tmp"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_line_numbers_and_offsets_hold_across_work_items(tmp_path, monkeypatch, workers):
+    monkeypatch.setattr(prep, "BATCH_CHARS", 64)  # each item a few lines: line 31 is deep in a later item
+    good = "".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(1, 31))
+    src = write(tmp_path / "a.jsonl.gz", gzip.compress((good + '{"text": "caf\xe9"}\n').encode("latin-1")))
+    with pytest.raises(PrepareError, match=rf"a.jsonl.gz line 31, byte offset {len(good) + 13} \(decompressed\): "
+                                           "not UTF-8"):
+        run([src], tmp_path / "o", workers=workers)
+    src = write(tmp_path / "b.jsonl", (good + "{oops}\n").encode())
+    with pytest.raises(PrepareError, match="b.jsonl line 31 is not JSON"):
+        run([src], tmp_path / "o", workers=workers)
+    listed = list(prep.iter_documents(prep.resolve_inputs([tmp_path / "a.jsonl.gz"]), errors="replace"))
+    assert listed[29] == (f"{tmp_path / 'a.jsonl.gz'} line 30", "line 30") and listed[30][1] == "caf\ufffd"
 
 
 def test_errors_replace_goes_on(tmp_path):

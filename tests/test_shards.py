@@ -165,6 +165,41 @@ def test_split_reads_across_shard_boundaries(tmp_path, rng):
         split.locate(26)
 
 
+def _rss_file_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_random_windows_do_not_grow_resident_memory(tmp_path, rng):
+    """A 40 MB shard, 3,000 random windows: through a memmap, Linux maps whole page-cache folios per fault
+    and the process's resident memory takes most of the file; the split must not."""
+    path = write_shard(tmp_path / "big.bin", rng.integers(0, 50257, 20_000_000, dtype=np.uint16), vocab_size=50257)
+    split = TokenSplit([path])
+    before = _rss_file_mb()
+    for s in rng.integers(0, len(split) - 129, 3000):
+        split.read(s, 129)
+    assert _rss_file_mb() - before < 8
+
+
+def test_split_pickles_and_notices_a_shrunk_shard(tmp_path):
+    import pickle
+
+    path = write_shard(tmp_path / "s.bin", np.arange(100), vocab_size=50257)
+    split = TokenSplit([path])
+    split.read(0, 10)
+    clone = pickle.loads(pickle.dumps(split))
+    np.testing.assert_array_equal(clone.read(90, 10), np.arange(90, 100))
+    with open(path, "r+b") as f:
+        f.truncate(1024 + 100)
+    with pytest.raises(ShardError, match="shorter than its header said") as e:
+        split.read(60, 10)
+    assert str(path) in str(e.value)
+    split.close()
+
+
 def test_split_refuses_mixed_token_widths(tmp_path):
     a = write_shard(tmp_path / "a.bin", [1], vocab_size=50257)
     b = write_shard(tmp_path / "b.bin", [1], vocab_size=100277)
