@@ -30,6 +30,7 @@ import glob
 import gzip
 import json
 import os
+import signal
 import sys
 import time
 import zlib
@@ -313,6 +314,7 @@ _WORKER: _Encoder | None = None
 
 def _init_worker(spec: str, text_key: str, errors: str) -> None:
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process handles it
     _WORKER = _Encoder(spec, text_key, errors)
 
 
@@ -405,8 +407,9 @@ class _Shards:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
-        for tmp, _, _, _ in self.done:
-            tmp.unlink(missing_ok=True)
+        # every temporary shard, also one whose writer a Ctrl-C interrupted before it was recorded
+        for p in self.out.glob(f".{glob.escape(self.prefix)}_*.bin.tmp"):
+            p.unlink(missing_ok=True)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:

@@ -106,7 +106,11 @@ class ShardWriter:
         self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
         self.n_tokens = 0
         self._file = open(self.tmp_path, "wb")  # closed by close() or abort()
-        self._file.write(bytes(HEADER_BYTES))  # the count is written by close()
+        try:
+            self._file.write(bytes(HEADER_BYTES))  # the count is written by close()
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens)

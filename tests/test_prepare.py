@@ -292,6 +292,51 @@ def test_rerun_after_a_killed_prepare(tmp_path):
     assert m["tokens"]["val"] == 512
 
 
+def start_and_signal(tmp_path: Path, out: Path, sig: int) -> subprocess.CompletedProcess:
+    """Run the CLI on a corpus that takes seconds, and send `sig` once its first shard is being written."""
+    import os
+    import time
+
+    corpus = tmp_path / "corpus.jsonl"
+    if not corpus.exists():
+        line = json.dumps({"text": SAMPLE}) + "\n"
+        corpus.write_text(line * 400, encoding="utf-8")  # 8 MB, 2M tokens
+    p = subprocess.Popen([sys.executable, "-m", "gpt_core.data", "prepare", str(corpus), "--out", str(out),
+                          "--workers", "2", "--shard-tokens", "20000", "--val-tokens", "1000", "--no-progress"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".*.bin.tmp")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert p.poll() is None, "prepare finished before it could be interrupted"
+    os.kill(p.pid, sig)
+    stdout, stderr = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_kill_of_a_running_prepare(tmp_path):
+    import signal
+
+    r = start_and_signal(tmp_path, tmp_path / "a", signal.SIGINT)
+    assert r.returncode == 130 and "interrupted: no manifest was written" in r.stderr
+    assert "Traceback" not in r.stderr  # the workers ignore Ctrl-C; the main process cleans up
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [INCOMPLETE_MARKER]
+
+    r = start_and_signal(tmp_path, tmp_path / "b", signal.SIGKILL)
+    assert r.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b" / MANIFEST).exists() and (tmp_path / "b" / INCOMPLETE_MARKER).exists()
+    with pytest.raises(ShardError, match="unfinished"):
+        open_dataset(tmp_path / "b", "gpt2")
+    r = cli("prepare", tmp_path / "corpus.jsonl", "--out", tmp_path / "b", "--workers", "2", "--shard-tokens",
+            "20000", "--val-tokens", "1000", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    ds = open_dataset(tmp_path / "b", "gpt2")
+    one = reference([SAMPLE])
+    assert len(ds.train) + len(ds.val) == 400 * len(one)
+    np.testing.assert_array_equal(ds.train.read(len(ds.train) - len(one), len(one)), one)  # the last document
+    assert not list((tmp_path / "b").glob(".*"))
+
+
 # ------------------------------------------------------------------------------------------------------ CLI
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "gpt_core.data", *map(str, args)], capture_output=True, text=True,
