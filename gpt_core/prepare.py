@@ -66,6 +66,14 @@ INFLIGHT_PER_WORKER = 3  # batches queued per worker: bounds memory, keeps worke
 HF_DATASET_FILES = (("dataset_info.json", "state.json"), ("dataset_dict.json",))
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, as in containers)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 class PrepareError(ValueError):
     """Bad input or options for prepare; the message names the file (and line or byte offset)."""
 
@@ -454,7 +462,7 @@ def prepare(inputs: Iterable[str | Path], out: str | Path, *, tokenizer: str = "
             hf_split: str = "train", overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Tokenise `inputs` into shards in `out` (see the module docstring); returns the manifest written."""
     inputs = [str(i) for i in inputs]
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = cpu_count() if workers is None else workers
     if workers < 1:
         raise PrepareError(f"--workers must be >= 1, got {workers}")
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
@@ -586,7 +594,7 @@ def parser() -> argparse.ArgumentParser:
     pre.add_argument("--tokenizer", default="gpt2", help="gpt2, cl100k_base or word:VOCAB.json")
     pre.add_argument("--text-key", default="text", help="the text's key in .jsonl lines / column of a HF dataset")
     pre.add_argument("--hf-split", default="train", help="the split of a saved Hugging Face DatasetDict")
-    pre.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    pre.add_argument("--workers", type=int, default=cpu_count(),
                      help="tokenising processes (1: tokenise in this process)")
     pre.add_argument("--shard-tokens", type=_count, default=DEFAULT_SHARD_TOKENS, help="tokens per training shard")
     pre.add_argument("--val-tokens", type=_count, default=DEFAULT_VAL_TOKENS,
