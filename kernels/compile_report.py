@@ -61,6 +61,10 @@ class _Variant:
     floats: tuple  # float scalar arguments
     num_warps: int
     num_stages: int
+    # False: build without the 16-divisibility hints Triton adds for aligned pointers and strides (a view at an
+    # odd offset, odd row lengths), as real launches on such inputs do.
+    aligned: bool = True
+    size_hints: tuple = ()  # size arguments that are multiples of 16 in the aligned build (N of a 4096-wide row)
 
 
 def _variants(arch: int, quick: bool) -> list[_Variant]:
@@ -69,7 +73,7 @@ def _variants(arch: int, quick: bool) -> list[_Variant]:
     Attention builds are causal at head sizes 64, 80 (masked head tile) and 128, plus, at head size 128 in
     bfloat16 and float32, non-causal and decoding ones (T_Q = 1, which Triton specialises as a constant; only
     the 16-row query tiles run then). quick: bfloat16 and float32, causal at head size 128 (the most
-    registers), one non-causal and one decoding build per bfloat16 kernel, three LayerNorm blocks.
+    registers), one non-causal and one decoding build per bfloat16 kernel; norms as `_norm_variants` says.
     """
     import importlib
 
@@ -114,21 +118,34 @@ def _variants(arch: int, quick: bool) -> list[_Variant]:
                     f"BLOCK_M={fa.PREPROCESS_BLOCK_M} warps=4", {"DELTA": "fp32"},
                     dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=fa.PREPROCESS_BLOCK_M),
                     ("stride_od", "stride_dod"), (), 4, 3))
-        # LayerNorm: every (BLOCK_N, warps) the launcher can pick, with every feature on.
-        blocks = [1 << i for i in range(4, utils.LN_MAX_BLOCK.bit_length())]
-        for block in (16, 1024, utils.LN_MAX_BLOCK) if quick else blocks:
-            rows, _, warps = utils.ln_block_config(block)
-            for single in (True, False) if block == utils.LN_MAX_BLOCK else (True,):
-                size = f"BLOCK_N={block}" + ("" if single else " chunked")
-                flags = dict(ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, HAS_WEIGHT=True, HAS_BIAS=True,
-                             INTERP_BF16=False)
-                config = f"ROWS={rows} warps={warps}"
-                out.append(_Variant("ln_fwd", "kernels.layer_norm:_ln_fwd_kernel", name, size, config,
-                                    {"MEAN": "fp32", "RSTD": "fp32"}, dict(flags, HAS_RESIDUAL=True), (),
-                                    ("eps",), warps, 3))
-                out.append(_Variant("ln_bwd", "kernels.layer_norm:_ln_bwd_kernel", name, size, config,
-                                    {"MEAN": "fp32", "RSTD": "fp32", "DW_PART": "fp32", "DB_PART": "fp32"},
-                                    dict(flags, HAS_DZ=True), (), (), warps, 3))
+        out += _norm_variants(name, quick)
+    return out
+
+
+def _norm_variants(dtype: str, quick: bool) -> list[_Variant]:
+    """LayerNorm and RMSNorm (kernels.norm): every (BLOCK_N, warps) the launcher can pick, with the residual, the
+    weight (and LayerNorm's bias) on, aligned and unaligned. quick: the smallest and the largest block (single-pass
+    and chunked), unaligned only at the largest."""
+    from kernels import utils
+
+    largest = utils.LN_MAX_BLOCK
+    blocks = (16, largest) if quick else [1 << i for i in range(4, largest.bit_length())]
+    # The pointers each kernel gets as None (absent), as the launchers pass them; every other one is on.
+    absent = {("ln", "fwd"): {}, ("ln", "bwd"): {}, ("rms", "fwd"): {"B": None, "MEAN": None},
+              ("rms", "bwd"): {"MEAN": None, "DB_PART": None}}
+    stats = {"MEAN": "fp32", "RSTD": "fp32", "DW_PART": "fp32", "DB_PART": "fp32"}
+    out = []
+    for block in blocks:
+        rows, _, warps = utils.ln_block_config(block)
+        for single in (True, False) if block == largest else (True,):
+            for aligned in (True, False) if block == largest or not quick else (True,):
+                size = f"BLOCK_N={block}" + ("" if single else " chunked") + ("" if aligned else " unaligned")
+                flags = dict(ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, INTERP_BF16=False)
+                for (norm, kind), nones in absent.items():
+                    floats = ("eps", "w_offset") if kind == "fwd" else ("w_offset",)
+                    out.append(_Variant(f"{norm}_{kind}", f"kernels.norm:_norm_{kind}_kernel", dtype, size,
+                                        f"ROWS={rows} warps={warps}", stats, dict(flags, **nones), (), floats, warps,
+                                        3, aligned, ("N",)))
     return out
 
 
@@ -167,12 +184,14 @@ def _build(v: _Variant, arch: int) -> CompileRow:
             signature[arg] = "constexpr"
         elif arg.isupper() and arg not in SIZE_ARGS:  # pointers, 16-byte aligned as PyTorch allocates
             signature[arg] = "*" + v.pointer_dtypes.get(arg, v.dtype)
-            attrs[(i,)] = [["tt.divisibility", 16]]
+            if v.aligned:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif arg in v.floats:
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg.startswith("stride"):  # row strides of aligned tensors are multiples of 16
+            # Row strides of aligned tensors are multiples of 16 (and so are the sizes in `size_hints`).
+            if v.aligned and (arg.startswith("stride") or arg in v.size_hints):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.perf_counter()
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),

@@ -2,7 +2,9 @@
 
 A kernel's error against a float64 reference must be at most twice the error of PyTorch's own implementation
 in the same dtype, plus the error of merely rounding the exact answer to that dtype (the floor: when PyTorch
-is itself exact to the last bit, a kernel that rounds once differently must still pass). Errors are relative:
+is itself exact to the last bit, a kernel that rounds once differently must still pass). The rounding of a few
+elements is a noisy sample (one value may happen to be almost exact in the dtype), so the floor is never below
+eps/sqrt(numel): one unit of the dtype's rounding for a single value, less as the sample grows. Errors are relative:
 ‖got − exact‖ / ‖exact‖. A gradient that is zero in exact arithmetic has only rounding noise; pass `scale` (the
 largest exact gradient norm of the same call) and errors are then measured relative to it wherever ‖exact‖ is
 below 1e-3 of it, with one unit of the dtype's rounding (its eps) at that scale as the floor.
@@ -26,7 +28,7 @@ class Accuracy:
 
     error: float  # ‖got − exact‖ / denominator
     torch_error: float  # ‖PyTorch − exact‖ / denominator, PyTorch in the same dtype
-    floor: float  # ‖exact rounded to got's dtype − exact‖ / denominator (measured against scale: the dtype's eps)
+    floor: float  # ‖exact rounded to got's dtype − exact‖ / denominator, >= eps/sqrt(numel) (against scale: eps)
     nonfinite: int  # NaN or inf elements in `got` (unwritten outputs are NaN when poisoned)
     worst_index: tuple[int, ...]  # where |got − exact| is largest (the first non-finite element if any)
     worst_got: float
@@ -76,9 +78,10 @@ def accuracy(got: torch.Tensor, torch_value: torch.Tensor, exact: torch.Tensor, 
     flat = int(diff.argmax()) if diff.numel() else 0
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), exact.shape)) if exact.dim() else ()
     empty = g.numel() == 0
+    eps = torch.finfo(got.dtype).eps
     return Accuracy(
         error=err(g) if not nonfinite else float("nan"), torch_error=err(torch_value),
-        floor=torch.finfo(got.dtype).eps if against_scale else err(exact.to(got.dtype)),
+        floor=eps if against_scale else max(err(exact.to(got.dtype)), eps / max(exact.numel(), 1) ** 0.5),
         nonfinite=nonfinite, worst_index=index,
         worst_got=0.0 if empty else float(g.reshape(-1)[flat]),
         worst_exact=0.0 if empty else float(exact.reshape(-1)[flat]))

@@ -36,6 +36,17 @@ def test_rounding_floor_when_pytorch_is_exact():
     assert not accuracy(exact.float().add(exact.abs() * 2 ** -7).to(torch.bfloat16), rounded, exact).ok
 
 
+def test_floor_of_a_few_elements():
+    """A single value that happens to be nearly exact in the dtype: one ulp off it is still noise, three are not."""
+    exact = torch.tensor([1.0 + 2 ** -30], dtype=torch.float64)  # float32 rounds it to 1.0, off by 2^-30 only
+    eps = torch.finfo(torch.float32).eps
+    v = accuracy(torch.tensor([1.0 + eps]), exact.float(), exact)  # PyTorch exactly rounded, ours one ulp off
+    assert v.floor == eps and v.ok
+    assert not accuracy(torch.tensor([1.0 + 3 * eps]), exact.float(), exact).ok
+    many = torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert eps / 100 < accuracy(many.float(), many.float(), many).floor < eps / 2  # measured, not eps/sqrt(numel)
+
+
 def test_non_finite_values_fail_and_are_located():
     exact = torch.ones(3, 4, dtype=torch.float64)
     got = torch.ones(3, 4)

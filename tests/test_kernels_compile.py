@@ -2,9 +2,10 @@
 
 This builds the quick subset of `kernels.compile_report`: every autotuning configuration of the attention
 kernels for bfloat16 and float32 at head size 128 (the most registers), the backward preprocessing, and
-LayerNorm at its smallest, a middle and its largest block (single-pass and chunked), each for sm_80 and
-sm_90. The full set (float16/bfloat16/float32, head sizes 64/80/128, every LayerNorm block) takes about
-ten minutes on two cores; `python -m kernels.compile_report` builds it and prints the table.
+LayerNorm and RMSNorm at their smallest and largest block (single-pass and chunked; the largest also
+without Triton's alignment hints), each for sm_80 and sm_90. The full set (float16/bfloat16/float32, head
+sizes 64/80/128, every norm block, aligned and unaligned) takes longer; `python -m kernels.compile_report`
+builds it and prints the table.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from kernels import compile_report as report
+from kernels import utils
 
 fa = importlib.import_module("kernels.flash_attention")
 
@@ -35,7 +37,12 @@ def test_every_configuration_builds_without_spills_within_shared_memory(rows):
                 wanted = {f"BLOCK_M={c.kwargs['BLOCK_M']} BLOCK_N={c.kwargs['BLOCK_N']} warps={c.num_warps} "
                           f"stages={c.num_stages}" for c in fa.configs_for(kind, arch, dtype, 128)}
                 assert built == wanted
-        assert {r.kernel for r in rows if r.arch == arch} >= {"attn_bwd_preprocess", "ln_fwd", "ln_bwd"}
+        assert {r.kernel for r in rows if r.arch == arch} >= {"attn_bwd_preprocess", "ln_fwd", "ln_bwd", "rms_fwd",
+                                                               "rms_bwd"}
+        for kernel in ("ln_fwd", "ln_bwd", "rms_fwd", "rms_bwd"):  # inputs without Triton's alignment hints too
+            assert {r.size for r in rows if r.arch == arch and r.kernel == kernel} >= {
+                f"BLOCK_N={utils.LN_MAX_BLOCK}", f"BLOCK_N={utils.LN_MAX_BLOCK} unaligned",
+                f"BLOCK_N={utils.LN_MAX_BLOCK} chunked unaligned"}
 
 
 @pytest.mark.slow
