@@ -69,3 +69,30 @@ def test_readme_examples_run_and_their_comments_hold(tmp_path):
                          timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (tmp_path / "ckpt" / "model.safetensors").is_file() and (tmp_path / "vocab.json").is_file()
+
+
+def own_corpus_commands() -> list[str]:
+    section = README.read_text().split("## Train GPT-2 on your own corpus", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"^```bash\n(.*?)^```", section, flags=re.S | re.M).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_own_corpus_commands_run_as_written(tmp_path):
+    """The "train on your own corpus" commands, from a copy of the sample at the path they name. The torchrun
+    and multi-device lines are run by their own tests (DDP, FSDP2, 4 JAX devices); the rest run here."""
+    commands = own_corpus_commands()
+    assert len(commands) == 8 and sum("torchrun" in c or "XLA_FLAGS" in c for c in commands) == 3
+    (tmp_path / "gpt_core" / "assets").mkdir(parents=True)
+    (tmp_path / "gpt_core" / "assets" / "the-verdict.txt").write_text(
+        (README.parent / "gpt_core" / "assets" / "the-verdict.txt").read_text())
+    env = {**os.environ, "PYTHONPATH": str(README.parent)}
+    for command in commands:
+        if "torchrun" in command or "XLA_FLAGS" in command:
+            continue
+        run = subprocess.run(command.replace("python -m", f"{sys.executable} -m", 1), shell=True, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, f"{command}\n{run.stdout[-1500:]}\n{run.stderr[-1500:]}"
+    assert (tmp_path / "data" / "verdict" / "manifest.json").is_file()
+    assert (tmp_path / "runs" / "own" / "checkpoint" / "trainer_state.json").is_file()
+    assert (tmp_path / "runs" / "own_jax" / "metrics.jsonl").is_file()
