@@ -26,6 +26,10 @@ from gpt_core.data import load_text, sliding_windows, train_val_split
 from gpt_core.tokenizer import check_vocab_size, encode_text, get_tokenizer
 
 
+class DataError(ValueError):
+    """Bad data met while training (a token id the model cannot embed): the message names the file."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str | None = None  # a shard folder, a text file, or None for the shipped sample
@@ -115,7 +119,7 @@ class ShardData(TrainingData):
         if len(bad):
             r, c = bad[0]
             path, offset = split.locate(int(starts[r]) + int(c))
-            raise ValueError(f"{path}: token id {int(w[r, c])} at token offset {offset} is >= the model's "
+            raise DataError(f"{path}: token id {int(w[r, c])} at token offset {offset} is >= the model's "
                              f"vocab_size {self.vocab_size} (a dataset prepared with another tokenizer?)")
         return w[:, :-1], w[:, 1:]
 

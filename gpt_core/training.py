@@ -399,6 +399,7 @@ def run_training(backend: Backend, config: GPTConfig, data: TrainingData, run: R
         start = resume.step
     lead = backend.is_lead
     rows = backend.rows(run.batch_size)
+    data.batch(start, run.batch_size, rows)  # bad data (ids the model cannot embed) fails before any output
     val = data.validation_batches(run.micro_batch, run.eval_batches)
     writer = RunWriter(run.out, enabled=lead, resume_step=start if resume is not None else None)
     if lead:
@@ -416,31 +417,33 @@ def run_training(backend: Backend, config: GPTConfig, data: TrainingData, run: R
     interrupted = StopFlag()
     tokens_per_step = run.batch_size * data.seq_len
     step = start
-    with interrupted:
-        while step < stop and not backend.should_stop(interrupted.requested):
-            t0 = time.perf_counter()
-            lr = opt.lr_at(step, run.steps)
-            x, y = data.batch(step, run.batch_size, rows)
-            t_data = time.perf_counter() - t0
-            result = backend.train_step(x, y, lr)
-            step += 1
-            loss = float(result.loss)  # waits for the step, so the times below measure finished work
-            t_step = time.perf_counter() - t0
-            writer.log(kind="train", step=step, loss=loss, lr=lr, grad_norm=float(result.grad_norm),
-                       tokens=step * tokens_per_step, tokens_per_s=tokens_per_step / max(t_step, 1e-9),
-                       data_s=t_data, step_s=t_step)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / max(t_step, 1e-9):,.0f}")
-            bar.update()
-            if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
-                val_loss = backend.evaluate(val)
-                writer.log(kind="eval", step=step, val_loss=val_loss)
-                if not run.progress and lead:
-                    print(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
-            if run.ckpt_every and step % run.ckpt_every == 0:
-                save(step)
-    bar.close()
-    save(step)
-    writer.close()
+    try:
+        with interrupted:
+            while step < stop and not backend.should_stop(interrupted.requested):
+                t0 = time.perf_counter()
+                lr = opt.lr_at(step, run.steps)
+                x, y = data.batch(step, run.batch_size, rows)
+                t_data = time.perf_counter() - t0
+                result = backend.train_step(x, y, lr)
+                step += 1
+                loss = float(result.loss)  # waits for the step, so the times below measure finished work
+                t_step = time.perf_counter() - t0
+                rate = tokens_per_step / max(t_step, 1e-9)
+                writer.log(kind="train", step=step, loss=loss, lr=lr, grad_norm=float(result.grad_norm),
+                           tokens=step * tokens_per_step, tokens_per_s=rate, data_s=t_data, step_s=t_step)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+                bar.update()
+                if (run.eval_every and step % run.eval_every == 0) or step == run.steps:
+                    val_loss = backend.evaluate(val)
+                    writer.log(kind="eval", step=step, val_loss=val_loss)
+                    if not run.progress and lead:
+                        print(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f}")
+                if run.ckpt_every and step % run.ckpt_every == 0:
+                    save(step)
+        save(step)
+    finally:  # a crash keeps every finished step's line (and the last periodic checkpoint)
+        bar.close()
+        writer.close()
     out = run.out
     if interrupted.requested or (step < stop):
         if lead:

@@ -21,6 +21,7 @@ from functools import partial
 
 import numpy as np
 
+from gpt_core.batches import DataError
 from gpt_core.training import (
     OptimizerConfig,
     StepResult,
@@ -86,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_training(backend, config, data, run, opt, resume, args_record(args))
+    try:
+        return run_training(backend, config, data, run, opt, resume, args_record(args))
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def make_mesh(n: int | None):

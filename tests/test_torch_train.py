@@ -112,6 +112,33 @@ def test_ddp_two_processes_equal_one(setup):
     assert max(abs(a - b) / abs(a) for a, b in zip(single, ddp, strict=True)) <= 1e-5
 
 
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_and_resume_across(setup):
+    """FSDP2 over 2 gloo processes: every step's loss as one process's; a sharded run's checkpoint continues in
+    one process and one process's in a sharded run (checkpoints are gathered into the one format)."""
+    d, args = setup
+    if not (d / "single").exists():
+        main(args + ["--out", str(d / "single")])
+    single = losses(d / "single")[0]
+    main(args + ["--out", str(d / "one_then_fsdp"), "--stop-after", "3"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(*extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "torch_gpt.train", *args, "--fsdp", *extra]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert run.returncode == 0, f"stdout:\n{run.stdout[-2000:]}\nstderr:\n{run.stderr[-3000:]}"
+        return run.stdout
+
+    assert "2 x cpu (FSDP2)" in torchrun("--out", str(d / "fsdp_then_one"), "--stop-after", "5")
+    assert main(args + ["--out", str(d / "fsdp_then_one"), "--resume"]) == 0
+    torchrun("--out", str(d / "one_then_fsdp"), "--resume")
+    for out in ("fsdp_then_one", "one_then_fsdp"):
+        got = losses(d / out)[0]
+        assert len(got) == 8
+        assert max(abs(a - b) / abs(a) for a, b in zip(single, got, strict=True)) <= 1e-5, out
+
+
 @pytest.mark.parametrize("extra, match", [
     (["--data", "/nonexistent.txt"], "does not exist"),
     (["--batch-size", "1000"], "larger than the"),
@@ -119,6 +146,7 @@ def test_ddp_two_processes_equal_one(setup):
     (["--batch-size", "5"], "not divisible by --grad-accum"),
     (["--tokenizer", "gpt2"], "vocab_size 1135 is smaller"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--fsdp"], "--fsdp shards over the processes of a torchrun job"),
 ])
 def test_errors_before_any_work(setup, tmp_path, capsys, extra, match):
     _, args = setup

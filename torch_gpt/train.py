@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gpt_core.batches import DataError
 from gpt_core.checkpoint import CONV1D_WEIGHTS
 from gpt_core.training import (
     OptimizerConfig,
@@ -261,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        return run_training(backend, config, data, run, opt, resume, args_record(args))
+        try:
+            return run_training(backend, config, data, run, opt, resume, args_record(args))
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     finally:
         if backend is not None:
             backend.close()
