@@ -40,6 +40,34 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _patch_old_interpreter() -> None:
+    """Triton < 3.8's interpreter holds scalars as shape-(1,) arrays and makes ints of them with `int(array)`,
+    which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every loop
+    with run-time bounds failed. Read the one element instead, as Triton 3.8 does (`int(data.squeeze())`)."""
+    from triton.runtime import interpreter
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_kernels_index_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._kernels_index_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
+if interpreting() and triton_version() < (3, 8):
+    _patch_old_interpreter()
+
+
 def dispatch_path(x: torch.Tensor) -> DispatchPath:
     """Which implementation runs for a tensor on `x.device` (DESIGN.md §5).
 
