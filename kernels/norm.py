@@ -135,6 +135,15 @@ def _bwd_chunk(X, DY, W, mean, rstd, offs, cols, col_ok, mask, w_offset):
 
 
 @triton.jit
+def _dx_sums(xhat, wdy, MEAN):
+    """The row sums (ROWS, 1) dx needs: Σ x̂·g, and Σ g for LayerNorm (MEAN given; zero for RMSNorm)."""
+    s2 = tl.zeros((xhat.shape[0], 1), tl.float32)
+    if MEAN is not None:
+        s2 = tl.sum(wdy, 1)[:, None]
+    return tl.sum(xhat * wdy, 1)[:, None], s2
+
+
+@triton.jit
 def _store_dx(DX, DZ, offs, mask, xhat, wdy, c1, c2, rstd, INTERP_BF16: tl.constexpr):
     """dx = rstd · (w·dy − (x̂·c1 + c2)), plus DZ (the residual sum's gradient) when given."""
     dx = (wdy - (xhat * c1 + c2)) * rstd
@@ -198,29 +207,25 @@ def _norm_bwd_kernel(
         if MEAN is not None:
             mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)[:, None]
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None]
-        c1 = tl.zeros((ROWS, 1), tl.float32)  # mean(g·x̂)
-        c2 = tl.zeros((ROWS, 1), tl.float32)  # mean(g), LayerNorm only
         if SINGLE_BLOCK:
             col_ok = cols < N
             mask = row_ok[:, None] & col_ok[None, :]
             xhat, dy, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, rstd, cols[None, :], cols, col_ok, mask, w_offset)
-            c1 = tl.sum(xhat * wdy, 1)[:, None] / N
-            if MEAN is not None:
-                c2 = tl.sum(wdy, 1)[:, None] / N
-            _store_dx(dx_rows, dz_rows, cols[None, :], mask, xhat, wdy, c1, c2, rstd, INTERP_BF16)
+            s1, s2 = _dx_sums(xhat, wdy, MEAN)
+            _store_dx(dx_rows, dz_rows, cols[None, :], mask, xhat, wdy, s1 / N, s2 / N, rstd, INTERP_BF16)
             dw += tl.sum(dy * xhat, 0)
             db += tl.sum(dy, 0)
         else:
+            s1 = tl.zeros((ROWS, 1), tl.float32)
+            s2 = tl.zeros((ROWS, 1), tl.float32)
             for start in range(0, N, BLOCK_N):
                 col_ok = start + cols < N
                 mask = row_ok[:, None] & col_ok[None, :]
                 xhat, _, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, rstd, start + cols[None, :], start + cols,
                                           col_ok, mask, w_offset)
-                c1 += tl.sum(xhat * wdy, 1)[:, None]
-                if MEAN is not None:
-                    c2 += tl.sum(wdy, 1)[:, None]
-            c1 = c1 / N
-            c2 = c2 / N
+                a, b = _dx_sums(xhat, wdy, MEAN)
+                s1, s2 = s1 + a, s2 + b
+            c1, c2 = s1 / N, s2 / N
             for start in range(0, N, BLOCK_N):
                 col_ok = start + cols < N
                 mask = row_ok[:, None] & col_ok[None, :]
