@@ -7,12 +7,17 @@ a few minutes on a 2-core CPU). Every row carries device, dtype, shape, versions
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from bench import report
 from gpt_core.cli import HelpFormatter
+
+# The twins share one GPU in one process: JAX must not take 75% of its memory at first use (its default), which
+# starves torch. Set before jax is imported; every row's environment says what was in force (jax_gpu_memory).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton kernels.
 
@@ -72,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     spd.add_argument("--decode-tokens", type=int, default=16, help="tokens generated for the decode timing")
     spd.add_argument("--impl", action="append", help="only these implementations (repeatable), e.g. jax/xla")
     spd.add_argument("--phase", action="append", help="only these phases (repeatable), e.g. forward")
+    spd.add_argument("--precision", default="highest", choices=["highest", "tf32"],
+                     help="float32 matmuls on both sides: exact, or TF32 where the GPU has it")
     add_common(spd)
     ker = sub.add_parser("kernels", help="Triton kernels: speed on CUDA, correctness sweep elsewhere",
                          formatter_class=HelpFormatter)
@@ -121,7 +128,7 @@ def run_speed(args) -> list[report.Row]:
     from bench import speed
 
     return speed.run(model_config(args), batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
-                     repeats=args.repeats, decode_tokens=args.decode_tokens, impls=args.impl,
+                     repeats=args.repeats, decode_tokens=args.decode_tokens, impls=args.impl, precision=args.precision,
                      phases=tuple(args.phase) if args.phase else speed.PHASES, progress=progress)
 
 

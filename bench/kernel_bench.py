@@ -1,9 +1,10 @@
 """`python -m bench kernels` and `python -m bench compile`: the Triton kernels measured and built.
 
-On CUDA: flash attention forward and backward TFLOP/s against `F.scaled_dot_product_attention` (flash and
-math backends), LayerNorm and add-LayerNorm GB/s against `F.layer_norm`, each as a fraction of the GPU's
-roofline. Elsewhere there is nothing to time, and the suite says so and runs the correctness sweep in
-Triton's interpreter instead (in a child process, since TRITON_INTERPRET must be set before triton loads).
+On CUDA: flash attention forward and backward TFLOP/s against `F.scaled_dot_product_attention` (flash, cuDNN
+and math backends; one the GPU lacks is a SKIP row), LayerNorm, add-LayerNorm and RMSNorm GB/s against
+`F.layer_norm` / `F.rms_norm`, each as a fraction of the GPU's roofline. Elsewhere there is nothing to time, and
+the suite says so and runs the correctness sweep in Triton's interpreter instead (in a child process, since
+TRITON_INTERPRET must be set before triton loads).
 
 FLOP model: attention forward 4·B·H·T²·D, halved when causal, backward 2.5× the forward. Bytes: LayerNorm
 forward reads x and writes y (2·M·N elements), backward reads x and dy and writes dx (3·M·N); the fused
@@ -107,14 +108,19 @@ def _attention_rows(b: int, h: int, t: int, d: int, causal: bool, repeats: int, 
         return fn
 
     impls = {"triton": lambda: kernels.flash_attention(q, k, v, causal=causal),
-             "sdpa/flash": sdpa(SDPBackend.FLASH_ATTENTION)}
+             "sdpa/flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa/cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     if t <= 4096:  # the math backend materialises B·H·T² scores
         impls["sdpa/math"] = sdpa(SDPBackend.MATH)
     fwd_flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0)
     shape = f"B={b} H={h} T={t} D={d}" + (" causal" if causal else "")
     rows = []
     for label, fn in impls.items():
-        fwd_ms, bwd_ms = _fwd_bwd_ms(fn, (q, k, v), repeats)
+        try:
+            fwd_ms, bwd_ms = _fwd_bwd_ms(fn, (q, k, v), repeats)
+        except RuntimeError as e:  # a backend this GPU or build lacks ("No available kernel"): say so, go on
+            rows += [Row("kernels", phase, label, "bfloat16", shape, {}, "SKIP", str(e).splitlines()[0][:200])
+                     for phase in ("attention fwd", "attention bwd")]
+            continue
         for phase, ms, flops in (("attention fwd", fwd_ms, fwd_flops), ("attention bwd", bwd_ms, 2.5 * fwd_flops)):
             achieved = flops / (ms / 1e3)
             rows.append(Row("kernels", phase, label, "bfloat16", shape,
@@ -132,15 +138,17 @@ def _layer_norm_rows(m: int, n: int, repeats: int, bandwidth: float | None) -> l
     res = torch.randn_like(x)
     w = torch.ones(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     bias = torch.zeros(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    cases = {  # (op, impl): (fn, elements moved forward / backward per M·N)
-        ("layer_norm", "triton"): (lambda: kernels.layer_norm(x, w, bias), 2, 3),
-        ("layer_norm", "torch"): (lambda: F.layer_norm(x, (n,), w, bias), 2, 3),
-        ("add_layer_norm", "triton"): (lambda: kernels.add_layer_norm(x, res, w, bias)[0], 4, 4),
-        ("add_layer_norm", "torch"): (lambda: F.layer_norm(x + res, (n,), w, bias), 4, 4),
+    cases = {  # (op, impl): (fn, elements moved forward / backward per M·N, the inputs differentiated)
+        ("layer_norm", "triton"): (lambda: kernels.layer_norm(x, w, bias), 2, 3, (x, w, bias)),
+        ("layer_norm", "torch"): (lambda: F.layer_norm(x, (n,), w, bias), 2, 3, (x, w, bias)),
+        ("add_layer_norm", "triton"): (lambda: kernels.add_layer_norm(x, res, w, bias)[0], 4, 4, (x, w, bias)),
+        ("add_layer_norm", "torch"): (lambda: F.layer_norm(x + res, (n,), w, bias), 4, 4, (x, w, bias)),
+        ("rms_norm", "triton"): (lambda: kernels.rms_norm(x, w), 2, 3, (x, w)),
+        ("rms_norm", "torch"): (lambda: F.rms_norm(x, (n,), w), 2, 3, (x, w)),
     }
     rows = []
-    for (op, label), (fn, fwd_io, bwd_io) in cases.items():
-        fwd_ms, bwd_ms = _fwd_bwd_ms(fn, (x, w, bias), repeats)
+    for (op, label), (fn, fwd_io, bwd_io, inputs) in cases.items():
+        fwd_ms, bwd_ms = _fwd_bwd_ms(fn, inputs, repeats)
         for phase, ms, io in ((f"{op} fwd", fwd_ms, fwd_io), (f"{op} bwd", bwd_ms, bwd_io)):
             rate = io * m * n * x.element_size() / (ms / 1e3)
             rows.append(Row("kernels", phase, label, "bfloat16", f"M={m} N={n}",

@@ -35,7 +35,10 @@ def run(config: GPTConfig, *, batch: int = 2, seq_len: int = 64, dtype: str = "f
     tol = TOLERANCES[dtype]
     shape = f"B={batch} T={seq_len}"
     progress("parity: building both models from one checkpoint")
-    tw = twins.build(config, seed=seed, dtype=dtype)
+    import torch
+
+    # torch on the GPU where there is one, as JAX takes its default device (the rows' environment names both).
+    tw = twins.build(config, seed=seed, dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
     if perturb is not None:
         state = tw.jax_model.canonical_state()
         if perturb not in state:

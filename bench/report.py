@@ -39,7 +39,8 @@ class Row:
 @cache
 def environment() -> dict[str, str]:
     """Device, library versions and git commit; the same for every row of a run."""
-    env = {"python": platform.python_version(), "commit": _git_commit(), "host_cpu": _cpu_name()}
+    env = {"python": platform.python_version(), "commit": _git_commit(), "host_cpu": _cpu_name(),
+           "jax_gpu_memory": jax_memory_policy()}
     try:
         import torch
 
@@ -63,6 +64,16 @@ def environment() -> dict[str, str]:
     except ImportError:
         pass
     return env
+
+
+def jax_memory_policy() -> str:
+    """How JAX takes GPU memory in this process (XLA_PYTHON_CLIENT_PREALLOCATE / _MEM_FRACTION, read by jax at
+    its first use)."""
+    fraction = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+    if os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "true").lower() in ("false", "0"):
+        return "preallocation off (XLA_PYTHON_CLIENT_PREALLOCATE=false): allocates as it goes" + (
+            f", at most {fraction} of the GPU" if fraction else "")
+    return f"preallocates {fraction or '0.75 (its default)'} of the GPU at first use"
 
 
 def _git_commit() -> str:

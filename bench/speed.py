@@ -19,6 +19,8 @@ from bench.report import Row
 from gpt_core.config import GPTConfig
 
 PHASES = ("forward", "forward+backward", "train step", "prefill", "decode")
+# float32 matmuls on both sides: exact ("highest"), or TF32 where the GPU has it ("tf32"; DESIGN.md §4, trap 3).
+PRECISIONS = ("highest", "tf32")
 
 
 @dataclasses.dataclass
@@ -65,7 +67,11 @@ def device_peak(dtype: str) -> tuple[float | None, str]:
 
 def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "float32", repeats: int = 5,
         decode_tokens: int = 16, impls: list[str] | None = None, phases: tuple[str, ...] = PHASES,
-        progress: Callable[[str], Any] = lambda msg: None) -> list[Row]:
+        precision: str = "highest", progress: Callable[[str], Any] = lambda msg: None) -> list[Row]:
+    """Rows per (implementation, phase). An implementation that raises gets FAIL rows naming the error, and the
+    others still run."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if seq_len > config.context_length:
         raise ValueError(f"seq_len {seq_len} exceeds the config's context_length {config.context_length}")
     if dtype not in twins.DTYPES:
@@ -84,15 +90,34 @@ def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "
     # Past the context every step would prefill the window again: time generation inside it.
     prompt_len = min(seq_len, config.context_length - decode_tokens - 1)
     config = dataclasses.replace(config, drop_rate=0.0)
-    twins.set_precision("highest")
+    twins.set_precision(precision)
     progress("speed: measuring the device peak")
     peak, source = device_peak(dtype)
+    if dtype == "float32":
+        source += "; float32 matmuls " + ("TF32 where the GPU has it" if precision == "tf32" else "exact")
     s = Setup(config, batch, seq_len, dtype, repeats, decode_tokens, prompt_len, peak, source)
     rows = []
     for impl in impls:
         progress(f"speed: {impl}")
-        rows += (_jax_rows if impl.startswith("jax") else _torch_rows)(s, impl, phases, progress)
+        try:
+            rows += (_jax_rows if impl.startswith("jax") else _torch_rows)(s, impl, phases, progress)
+        except Exception as e:  # one implementation failing (a missing cuDNN, out of memory) must not lose the rest
+            note = f"failed: {type(e).__name__}: {e}"[:300]
+            progress(f"speed: {impl} {note}")
+            rows += [Row("speed", phase, impl, dtype, f"B={batch} T={seq_len}", {}, "FAIL", note) for phase in phases]
+        _release_memory()
     return rows
+
+
+def _release_memory() -> None:
+    """Hand cached device memory back between implementations: torch's caching allocator would keep it from JAX."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _row(s: Setup, impl: str, phase: str, tm: timing.Timing | None, tokens: int, flops_per_token: float,
@@ -227,6 +252,9 @@ def _jax_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
     from jax_gpt.model import cross_entropy_loss
 
     attn = impl.split("/")[1]
+    if attn == "cudnn" and s.dtype == "float32":
+        return [_row(s, impl, phase, None, 0, 0, None, None, "cuDNN attention takes float16/bfloat16 only")
+                for phase in phases]
     tw = twins.build(s.config, dtype=s.dtype, jax_attn=attn)
     model = tw.jax_model
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # differentiate the Params only

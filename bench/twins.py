@@ -28,7 +28,8 @@ class Twins:
 
 
 def set_precision(mode: str) -> None:
-    """'highest': full float32 matmuls on both sides (parity); 'default': each framework's own default."""
+    """'highest': full float32 matmuls on both sides (parity); 'tf32': TF32 float32 matmuls on both sides
+    (speed on GPUs that have it; elsewhere the same as 'highest'); 'default': each framework's own default."""
     import jax
     import torch
 
@@ -37,11 +38,16 @@ def set_precision(mode: str) -> None:
         torch.backends.cudnn.allow_tf32 = False
         torch.set_float32_matmul_precision("highest")
         jax.config.update("jax_default_matmul_precision", "highest")
+    elif mode == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
+        jax.config.update("jax_default_matmul_precision", "tensorfloat32")
     elif mode == "default":
         torch.set_float32_matmul_precision("highest")  # PyTorch's out-of-the-box setting: no TF32 matmuls
         jax.config.update("jax_default_matmul_precision", None)  # JAX's: TF32 on recent GPUs, bf16 on TPU
     else:
-        raise ValueError(f"precision must be 'highest' or 'default', got {mode!r}")
+        raise ValueError(f"precision must be 'highest', 'tf32' or 'default', got {mode!r}")
 
 
 def build(config: GPTConfig, seed: int = 0, dtype: str = "float32", torch_attn: str = "sdpa",
