@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The CPU build of torch on these machines; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench clean test-compat gpu-check
 
 setup: $(STAMP)
 
@@ -27,5 +27,32 @@ bench: $(STAMP)
 	mkdir -p bench_results
 	$(PY) -m bench --json bench_results/bench.json --csv bench_results/bench.csv --plot bench_results/bench.png
 
+# The oldest versions we support (pyproject.toml's floors), in a second environment: the kernel tests in Triton's
+# interpreter and every kernel configuration built for sm_80/sm_90 (no spills) under that Triton.
+COMPAT_VENV   := .venv-compat
+COMPAT_PY     := $(COMPAT_VENV)/bin/python
+COMPAT_STAMP  := $(COMPAT_VENV)/.installed
+TRITON_OLDEST ?= 3.6.0
+KERNEL_TESTS  := $(filter-out tests/test_kernels_compile.py,$(wildcard tests/test_kernels_*.py))
+
+$(COMPAT_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install --quiet --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(COMPAT_PY) -m pip install --quiet "triton==$(TRITON_OLDEST)"
+	$(COMPAT_PY) -m pip install --quiet -e ".[torch,dev]"
+	$(COMPAT_PY) -c "import triton; v = triton.__version__; assert v == '$(TRITON_OLDEST)', v"
+	touch $(COMPAT_STAMP)
+
+# The compile report replaces tests/test_kernels_compile.py here: the same builds, with the whole table printed.
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_PY) -m pytest -q $(KERNEL_TESTS)
+	$(COMPAT_PY) -m kernels.compile_report --quick
+
+# On a machine with CUDA: the Python it is run with (its own torch, triton, jax), this checkout on the path,
+# no virtual environment and no installs. Exit status 77 without CUDA. GPU_CHECK_ARGS="--stages pytest-gpu" etc.
+gpu-check:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m bench.gpu_check $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .ruff_cache *.egg-info
