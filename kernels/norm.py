@@ -137,10 +137,11 @@ def _bwd_chunk(X, DY, W, mean, rstd, offs, cols, col_ok, mask, w_offset):
 @triton.jit
 def _dx_sums(xhat, wdy, MEAN):
     """The row sums (ROWS, 1) dx needs: Σ x̂·g, and Σ g for LayerNorm (MEAN given; zero for RMSNorm)."""
-    s2 = tl.zeros((xhat.shape[0], 1), tl.float32)
+    s1 = tl.sum(xhat * wdy, 1)[:, None]
+    s2 = tl.zeros_like(s1)
     if MEAN is not None:
         s2 = tl.sum(wdy, 1)[:, None]
-    return tl.sum(xhat * wdy, 1)[:, None], s2
+    return s1, s2
 
 
 @triton.jit
