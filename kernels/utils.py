@@ -209,3 +209,14 @@ def cast_to(x, DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         x = u.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def tanh(x):
+    """float32 tanh to a few ulps (Cephes' tanhf) from operations every Triton backend and its interpreter have:
+    an odd polynomial near 0, where 1 - 2/(e^2x + 1) would cancel, and that formula elsewhere."""
+    z = x * x
+    poly = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+            - 3.33332819422e-1) * z * x + x
+    far = 1.0 - 2.0 / (tl.math.exp2(tl.minimum(tl.abs(x), 15.0) * 2.8853900817779268) + 1.0)  # 2·log2(e)
+    return tl.where(tl.abs(x) < 0.625, poly, tl.where(x < 0, -far, far))
