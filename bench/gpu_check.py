@@ -87,6 +87,9 @@ class Result:
     note: str = ""
 
 
+_RUNNING: set[subprocess.Popen] = set()  # stages in flight, ended by Ctrl-C (they run in sessions of their own)
+
+
 def _stage_env() -> dict[str, str]:
     env = dict(os.environ, **STAGE_ENV)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
@@ -123,12 +126,15 @@ def run_stage(stage: Stage, out: Path, deadline: float, env: dict[str, str] | No
         fh.flush()
         proc = subprocess.Popen(stage.cmd, cwd=ROOT, env=env if env is not None else _stage_env(), stdout=fh,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        _RUNNING.add(proc)
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             seconds = time.monotonic() - start
             return Result(stage.name, "timed out", seconds, limit, None, log, f"killed after {limit:.0f} s")
+        finally:
+            _RUNNING.discard(proc)
         _kill_group(proc, grace_s=0)  # what it left running must not hold the GPU for the next stage
     seconds = time.monotonic() - start
     if rc == 0:
@@ -150,7 +156,7 @@ def run_lanes(lanes: list[list[Stage]], out: Path, deadline: float,
             results[s.name] = run_stage(s, out, deadline)
             on_done(results[s.name])
 
-    threads = [threading.Thread(target=lane_worker, args=(lane,)) for lane in lanes]
+    threads = [threading.Thread(target=lane_worker, args=(lane,), daemon=True) for lane in lanes]
     for t in threads:
         t.start()
     for t in threads:
@@ -417,17 +423,25 @@ def summary(results: list[Result], stages: dict[str, Stage], info: dict, out: Pa
              "| stage | status | time | limit | key figures |", "|---|---|---|---|---|"]
     for r in results:
         st = stages.get(r.name)
-        figs = key_figures(st, r, out) if st is not None and r.status != "not run" else []
+        figs = _safely(key_figures, st, r, out) if st is not None and r.status != "not run" else []
         cell = "<br>".join([*(figs or []), *([r.note] if r.note else [])])
         lines.append(f"| {r.name} | {r.status} | {r.seconds:.0f} s | {r.limit_s:.0f} s | {cell} |")
     lines += ["", "Stages:", ""] + [f"- {n}: {s.what}" for n, s in stages.items()] + [""]
     for r in results:
         st = stages.get(r.name)
-        more = details(st, r, out) if st is not None and r.status != "not run" else []
+        more = _safely(details, st, r, out) if st is not None and r.status != "not run" else []
         if more:
             lines += [f"## {r.name}", "", *more]
     lines += ["## Files", "", *[f"- {p.name}" for p in sorted(out.iterdir()) if p.name != "summary.md"], ""]
     return "\n".join(lines)
+
+
+def _safely(fn: Callable[[Stage, Result, Path], list[str]], stage: Stage, result: Result, out: Path) -> list[str]:
+    """fn's lines, or one line saying why not: outputs of a machine never seen before must not cost the summary."""
+    try:
+        return fn(stage, result, out)
+    except Exception as e:
+        return [f"(could not read this stage's outputs: {type(e).__name__}: {e})"]
 
 
 def _git_commit() -> str:
@@ -501,19 +515,25 @@ def main(argv: list[str] | None = None) -> int:
               + (f" ({r.note})" if r.note else ""), flush=True)
 
     print(f"gpu-check: {len(devices)} GPU device(s); output in {out}; budget {args.budget:.0f} s", flush=True)
-    pre, info = preflight(out, deadline)
-    progress(pre)
-    results = [pre]
-    stages = {"preflight": Stage("preflight", [], 60, "versions and devices (torch, triton, jax, nvidia-smi)")}
-    if pre.status == "passed":
-        lanes, timed = plan(info, out)
-        lanes = [[finalise_paths(s, out) for s in lane if s.name in wanted] for lane in lanes]
-        timed = [finalise_paths(s, out) for s in timed if s.name in wanted]
-        stages |= {s.name: s for lane in lanes for s in lane} | {s.name: s for s in timed}
-        results += run_lanes([lane for lane in lanes if lane], out, deadline, progress)
-        for s in timed:  # one at a time: nothing else on the GPU while it is timed
-            results.append(run_stage(s, out, deadline))
-            progress(results[-1])
+    try:
+        pre, info = preflight(out, deadline)
+        progress(pre)
+        results = [pre]
+        stages = {"preflight": Stage("preflight", [], 60, "versions and devices (torch, triton, jax, nvidia-smi)")}
+        if pre.status == "passed":
+            lanes, timed = plan(info, out)
+            lanes = [[finalise_paths(s, out) for s in lane if s.name in wanted] for lane in lanes]
+            timed = [finalise_paths(s, out) for s in timed if s.name in wanted]
+            stages |= {s.name: s for lane in lanes for s in lane} | {s.name: s for s in timed}
+            results += run_lanes([lane for lane in lanes if lane], out, deadline, progress)
+            for s in timed:  # one at a time: nothing else on the GPU while it is timed
+                results.append(run_stage(s, out, deadline))
+                progress(results[-1])
+    except KeyboardInterrupt:
+        for proc in list(_RUNNING):
+            _kill_group(proc, grace_s=2)
+        print(f"gpu-check: interrupted; what ran is in {out}", file=sys.stderr)
+        return 130
     (out / "preflight.json").write_text(json.dumps(info, indent=1) + "\n")
     (out / "results.json").write_text(json.dumps({"info": info, "memory_policy": MEMORY_POLICY,
                                                   "results": [asdict(r) for r in results]}, indent=1) + "\n")

@@ -188,3 +188,37 @@ def test_junit_counts_of_a_missing_file(tmp_path):
     assert gc.load_rows(tmp_path / "none.json") == []
     (tmp_path / "bad.json").write_text(json.dumps({"no": "rows"}))
     assert gc.load_rows(tmp_path / "bad.json") == []
+
+
+def test_main_end_to_end_with_harmless_stages(tmp_path, monkeypatch, capsys):
+    """main() from preflight to summary.md, with the GPU's place taken by harmless stages (real child processes):
+    one passes and writes real bench rows, one fails, one hangs past its limit; all files land in --out."""
+    info = {"cuda_available": True, "torch": "2.11.0", "triton": "3.6.0", "jax_backend": "gpu",
+            "gpus": [{"name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "memory_gib": 79.2}]}
+    monkeypatch.setattr(gc, "cuda_devices", lambda: ["/dev/nvidia0"])
+    monkeypatch.setattr(gc, "PREFLIGHT", f"print('PREFLIGHT ' + {json.dumps(json.dumps(info))})")
+    rows_json = tmp_path / "out" / "kernels.json"
+    write_rows = ("from bench import report; report.write_json([report.Row('kernels', 'attention fwd', impl, "
+                  "'bfloat16', 'B=4 H=16 T=2048 D=64', {'tflops': v}) for impl, v in (('triton', 410.0), "
+                  f"('sdpa/flash', 450.0))], {str(rows_json)!r})")
+
+    def fake_plan(info_, out):
+        return ([[stage("pytest-gpu", "import sys; sys.exit(1)")], [stage("parity", "print('ok')")]],
+                [stage("kernels", write_rows, outputs={"json": "kernels.json"}),
+                 stage("speed-bf16-torch", "import time; time.sleep(60)", limit=2.0)])
+
+    monkeypatch.setattr(gc, "plan", fake_plan)
+    code = gc.main(["--out", str(tmp_path / "out"), "--budget", "120"])
+    assert code == 1
+    out = tmp_path / "out"
+    summary = (out / "summary.md").read_text()
+    assert "3 passed, 1 failed, 1 timed out" in summary.splitlines()[2]  # preflight, parity, kernels passed
+    assert "NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB)" in summary
+    assert "attention fwd [B=4 H=16 T=2048 D=64]: triton 410 TFLOP/s vs sdpa/flash 450" in summary
+    results = json.loads((out / "results.json").read_text())
+    assert [r["status"] for r in results["results"]] == ["passed", "failed", "passed", "passed", "timed out"]
+    assert json.loads((out / "preflight.json").read_text())["torch"] == "2.11.0"
+    assert {p.name for p in out.iterdir()} >= {"preflight.log", "pytest-gpu.log", "parity.log", "kernels.log",
+                                              "speed-bf16-torch.log", "all_rows.csv", "summary.md"}
+    printed = capsys.readouterr().out
+    assert "speed-bf16-torch: timed out" in printed and "summary in" in printed

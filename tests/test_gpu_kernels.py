@@ -161,16 +161,16 @@ def test_attention_autotunes_each_configuration_class(dtype, d, record_property)
     """Each (GPU generation, math, head tile) class: the numbers hold with the autotuner's choice, and the
     choice is one of the class's candidates. The choice is printed and recorded (gpu-check's summary lists it)."""
     t = 256  # and H = 16, as `python -m bench kernels` has them: gpu-check's kernel bench reuses these builds
-    with tf32(False):
+    with tf32(False):  # float32: the exact-products class
         q = check_attention(2, 16, t, t, d, dtype, causal=True, seed=d)
-    capability = utils.cuda_capability(q)
-    for kind in ("fwd", "dkdv", "dq"):
-        best = ATTN._autotuned(kind, capability).best_config
-        wanted = {_describe(c) for c in _candidates(kind, capability, dtype, d, t, t)}
-        assert _describe(best) in wanted, f"{kind}: autotuner chose {_describe(best)}, not among {sorted(wanted)}"
-        name = f"autotune {kind} {str(dtype).removeprefix('torch.')} D={d} sm_{capability}"
-        print(f"{name}: {_describe(best)}")
-        record_property(name, _describe(best))
+        capability = utils.cuda_capability(q)
+        for kind in ("fwd", "dkdv", "dq"):
+            best = ATTN._autotuned(kind, capability).best_config
+            wanted = {_describe(c) for c in _candidates(kind, capability, dtype, d, t, t)}
+            assert _describe(best) in wanted, f"{kind}: autotuner chose {_describe(best)}, not among {sorted(wanted)}"
+            name = f"autotune {kind} {str(dtype).removeprefix('torch.')} D={d} sm_{capability}"
+            print(f"{name}: {_describe(best)}")
+            record_property(name, _describe(best))
 
 
 def test_attention_float16_masked_head_non_causal():
