@@ -400,3 +400,67 @@ def test_custom_ops_under_torch_compile():
     for name, e, c in zip(("loss", "dx", "dres", "dw", "db"), *results, strict=True):
         err = float((c.double() - e.double()).norm() / e.double().norm())
         assert err <= 1e-5, f"{name}: compiled differs from eager by {err:.2e}"
+
+
+# ----------------------------------------------------------------------------- fused linear + cross-entropy
+@pytest.mark.parametrize("dtype, softcap", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, 30.0)],
+                         ids=["bf16", "fp32", "bf16-softcap"])
+def test_linear_cross_entropy(dtype, softcap):
+    """Loss and the gradients of hidden and weight against float64, with ignored targets, an awkward vocabulary
+    and several chunks of rows."""
+    if not hasattr(kernels, "linear_cross_entropy"):
+        pytest.skip("kernels has no linear_cross_entropy yet")
+    n, c, v = 300, 256, 5003
+    hidden, weight = randn(n, c, seed=1, dtype=dtype), (0.05 * randn(v, c, seed=2)).to(dtype)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    targets[::7] = -100  # ignored rows
+
+    def plain(h, w):  # PyTorch's own: the logits in the dtype, the loss in float32 (float64 for the exact one)
+        z = h @ w.T
+        z = z.float() if z.dtype != torch.float64 else z
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        return F.cross_entropy(z, targets, ignore_index=-100)
+
+    def run_ce(fn, dt):
+        h, w = (t.detach().to(dt).requires_grad_() for t in (hidden, weight))
+        loss = fn(h, w)
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    exact = run_ce(plain, torch.float64)
+    theirs = run_ce(plain, dtype)
+    utils.reset_dispatch_counts()
+    with utils.poisoned_outputs():
+        ours = run_ce(lambda h, w: kernels.linear_cross_entropy(h, w, targets, softcap=softcap, chunk_size=64), dtype)
+    torch.cuda.synchronize()
+    assert_ran_triton()
+    assert_accurate("loss", ours[0].reshape(1), theirs[0].reshape(1), exact[0].reshape(1))
+    scale = max(float(g.norm()) for g in exact[1:])
+    for name, g, r, e in zip(("d(hidden)", "d(weight)"), ours[1:], theirs[1:], exact[1:], strict=True):
+        assert g.dtype == dtype
+        assert_accurate(name, g, r, e, scale=scale)
+
+
+def test_linear_cross_entropy_never_holds_the_logits():
+    """GPT-2's lm_head at 8192 rows: the forward and backward allocate far less than the bfloat16 logits
+    (8192 × 50257 × 2 bytes, 785 MiB), let alone the float32 ones a plain cross-entropy makes."""
+    if not hasattr(kernels, "linear_cross_entropy"):
+        pytest.skip("kernels has no linear_cross_entropy yet")
+    n, c, v = 8192, 768, 50257
+    hidden = randn(n, c, seed=1, dtype=torch.bfloat16).requires_grad_()
+    weight = (0.02 * randn(v, c, seed=2)).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, v, (n,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    kernels.linear_cross_entropy(hidden, weight, targets).backward()  # builds and warms up
+    hidden.grad = weight.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    kernels.linear_cross_entropy(hidden, weight, targets).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    logits_bytes = n * v * 2
+    print(f"linear_cross_entropy N={n} V={v}: peak {peak / 2**20:.0f} MiB above the inputs "
+          f"(bf16 logits: {logits_bytes / 2**20:.0f} MiB)")
+    assert peak < logits_bytes / 2, f"peak {peak / 2**20:.0f} MiB: the logits were held whole"
