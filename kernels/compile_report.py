@@ -65,6 +65,7 @@ class _Variant:
     # odd offset, odd row lengths), as real launches on such inputs do.
     aligned: bool = True
     size_hints: tuple = ()  # size arguments that are multiples of 16 in the aligned build (N of a 4096-wide row)
+    maxnreg: int | None = None  # the register cap the launcher passes, if it passes one
 
 
 def _variants(arch: int, quick: bool) -> list[_Variant]:
@@ -126,7 +127,7 @@ def _norm_variants(dtype: str, quick: bool) -> list[_Variant]:
     """LayerNorm and RMSNorm (kernels.norm): every (BLOCK_N, warps) the launcher can pick, with the residual, the
     weight (and LayerNorm's bias) on, aligned and unaligned. quick: the smallest and the largest block (single-pass
     and chunked), unaligned only at the largest."""
-    from kernels import utils
+    from kernels import norm, utils
 
     largest = utils.LN_MAX_BLOCK
     blocks = (16, largest) if quick else [1 << i for i in range(4, largest.bit_length())]
@@ -137,15 +138,16 @@ def _norm_variants(dtype: str, quick: bool) -> list[_Variant]:
     out = []
     for block in blocks:
         rows, _, warps = utils.ln_block_config(block)
+        cap = norm.register_cap(warps)
         for single in (True, False) if block == largest else (True,):
             for aligned in (True, False) if block == largest or not quick else (True,):
                 size = f"BLOCK_N={block}" + ("" if single else " chunked") + ("" if aligned else " unaligned")
                 flags = dict(ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=single, INTERP_BF16=False)
-                for (norm, kind), nones in absent.items():
+                for (name, kind), nones in absent.items():
                     floats = ("eps", "w_offset") if kind == "fwd" else ("w_offset",)
-                    out.append(_Variant(f"{norm}_{kind}", f"kernels.norm:_norm_{kind}_kernel", dtype, size,
-                                        f"ROWS={rows} warps={warps}", stats, dict(flags, **nones), (), floats, warps,
-                                        3, aligned, ("N",)))
+                    out.append(_Variant(f"{name}_{kind}", f"kernels.norm:_norm_{kind}_kernel", dtype, size,
+                                        f"ROWS={rows} warps={warps} maxnreg={cap}", stats, dict(flags, **nones), (),
+                                        floats, warps, 3, aligned, ("N",), cap))
     return out
 
 
@@ -195,7 +197,8 @@ def _build(v: _Variant, arch: int) -> CompileRow:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     start = time.perf_counter()
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": v.num_warps, "num_stages": v.num_stages, "enable_fp_fusion": True})
+                            options={"num_warps": v.num_warps, "num_stages": v.num_stages, "enable_fp_fusion": True,
+                                     **({"maxnreg": v.maxnreg} if v.maxnreg else {})})
     seconds = time.perf_counter() - start
     usage = _resource_usage(kernel.asm["cubin"])
     ptx = kernel.asm["ptx"]

@@ -254,6 +254,19 @@ def _bwd_programs(m: int, rows: int, x: torch.Tensor) -> int:
     return max(1, min(tiles, 4 if utils.interpreting() or not x.is_cuda else 2 * utils.num_sms(x)))
 
 
+def register_cap(num_warps: int) -> int:
+    """Registers a thread of a `num_warps` program may use: the SM's 65536 over the program's threads (at most 255).
+
+    The norm launches pass it as `maxnreg` (128 at 16 warps, which is the hardware's limit anyway): left implicit,
+    Triton 3.6's ptxas aims at 64 for 512-thread programs and spills 8 bytes in some builds (kernels.compile_report).
+    """
+    return min(255, 65536 // (32 * num_warps))
+
+
+def _launch_options(num_warps: int) -> dict:
+    return dict(num_warps=num_warps, maxnreg=register_cap(num_warps), **utils.LAUNCH_OPTIONS)
+
+
 def _stride(t: torch.Tensor | None) -> int:
     return t.stride(0) if t is not None else 0
 
@@ -280,7 +293,7 @@ def norm_fwd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
                 stride_x=x2.stride(0), stride_res=_stride(r2), stride_z=_stride(z), stride_y=y.stride(0),
                 M=m, N=n, eps=eps, w_offset=offset,
                 ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=n <= block, INTERP_BF16=_interp_bf16(x),
-                num_warps=warps, **utils.LAUNCH_OPTIONS)
+                **_launch_options(warps))
     lead = x.shape[:-1]
     z = z.view(x.shape) if z is not None else x.new_empty(0)
     mean = mean.view(lead) if mean is not None else x.new_empty(0, dtype=torch.float32)
@@ -312,7 +325,7 @@ def norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, bia
                 stride_dy=dy2.stride(0), stride_x=x2.stride(0), stride_dz=_stride(dz2), stride_dx=dx.stride(0),
                 M=m, N=n, w_offset=offset,
                 ROWS=rows, BLOCK_N=block, SINGLE_BLOCK=n <= block, INTERP_BF16=_interp_bf16(x),
-                num_warps=warps, **utils.LAUNCH_OPTIONS)
+                **_launch_options(warps))
     # The one reduction of the per-program partial sums (no rows: zero gradients).
     reduce = lambda part, dtype: (part.sum(0) if m > 0 else part.zero_()[0]).to(dtype)
     dw = reduce(dw_part, weight.dtype) if weight is not None else x.new_empty(0)
