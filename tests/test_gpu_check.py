@@ -106,16 +106,21 @@ def test_plan_commands_parse_with_the_bench_and_pytest(tmp_path):
         for s in stages:
             for name in s.outputs.values():
                 assert str(tmp_path / name) in s.cmd, (s.name, name)
+        timed_impls = set()
+        for s in stages:
             if s.cmd[1:3] == ["-m", "bench"]:
                 args = bench_parser().parse_args(s.cmd[3:])  # a typo in a flag fails here, not on the GPU
                 if args.command == "speed":
-                    jax_stage = "jax/xla" in args.impl  # cuDNN attention: a JAX GPU, 16-bit only
-                    assert ("jax/cudnn" in args.impl) == (jax_stage and backend == "gpu" and args.dtype == "bfloat16")
                     assert args.precision == ("tf32" if args.dtype == "float32" else "highest")
+                    assert len({i.split("/")[0] for i in args.impl}) == 1, "one framework per process"
+                    timed_impls |= {(args.dtype, i) for i in args.impl}
             else:
                 assert s.cmd[1:3] == ["-m", "pytest"] and "gpu" in s.cmd
-        speed_impls = {i for s in stages if "speed" in s.cmd for i in s.cmd[s.cmd.index("speed"):] if "/" in i}
-        assert speed_impls >= {"torch/sdpa", "torch/triton", "torch/math", "torch.compile/sdpa", "jax/xla"}
+        for dtype in ("bfloat16", "float32"):
+            assert {i for d, i in timed_impls if d == dtype} >= {"torch/sdpa", "torch/triton", "torch/math",
+                                                                 "torch.compile/sdpa", "jax/xla"}
+        # cuDNN attention: where JAX has a GPU, in 16-bit only.
+        assert {d for d, i in timed_impls if i == "jax/cudnn"} == ({"bfloat16"} if backend == "gpu" else set())
 
 
 def test_gpu_tests_are_collected_under_the_marker():
