@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 ARCHS = (80, 90)
 # Integer arguments in CAPS (sizes); every other CAPS argument of a kernel is a pointer.
-SIZE_ARGS = {"H", "T_Q", "T_K", "TQ_BUCKET", "TK_BUCKET", "M", "N"}
+SIZE_ARGS = {"H", "T_Q", "T_K", "TQ_BUCKET", "TK_BUCKET", "M", "N", "V"}
 
 
 @dataclass
@@ -120,6 +120,7 @@ def _variants(arch: int, quick: bool) -> list[_Variant]:
                     dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=fa.PREPROCESS_BLOCK_M),
                     ("stride_od", "stride_dod"), (), 4, 3))
         out += _norm_variants(name, quick)
+        out += _cross_entropy_variants(name, quick)
     return out
 
 
@@ -148,6 +149,45 @@ def _norm_variants(dtype: str, quick: bool) -> list[_Variant]:
                     out.append(_Variant(f"{name}_{kind}", f"kernels.norm:_norm_{kind}_kernel", dtype, size,
                                         f"ROWS={rows} warps={warps} maxnreg={cap}", stats, dict(flags, **nones), (),
                                         floats, warps, 3, aligned, ("N",), cap))
+    return out
+
+
+# Cross-entropy builds: what each caller asks of the kernel. None pointers are absent, as the launcher passes them.
+_CE_MODES = {
+    "loss+grad": dict(WRITE_GRAD=True, ROW_SCALE=False),  # "mean"/"sum" with gradients: the training step
+    "loss": dict(WRITE_GRAD=False, ROW_SCALE=False),  # no gradients (eval), and the forward of "none"
+    "grad row-scale": dict(WRITE_GRAD=True, ROW_SCALE=True, LOSS=None),  # the backward of "none"
+}
+
+
+def _cross_entropy_variants(dtype: str, quick: bool) -> list[_Variant]:
+    """The fused linear cross-entropy's per-row kernel (kernels.cross_entropy): every BLOCK_V the launcher can pick
+    for training (loss and gradient) with softcap and label smoothing on (the most registers), aligned and
+    unaligned (an odd vocabulary such as 50,257 makes every row start unaligned); the other modes and the build
+    without softcap or smoothing at the smallest and the largest block. quick: the smallest and the largest
+    block in training with every feature, unaligned at the largest, and the backward of "none" there."""
+    from kernels import cross_entropy as ce
+
+    largest = ce.CE_MAX_BLOCK
+    full = "softcap smoothing"
+    if quick:
+        builds = [(16, "loss+grad", full, True), (largest, "loss+grad", full, True),
+                  (largest, "loss+grad", full, False), (largest, "grad row-scale", full, False)]
+    else:
+        builds = [(1 << i, "loss+grad", full, aligned) for i in range(4, largest.bit_length())
+                  for aligned in (True, False)]
+        builds += [(block, mode, features, aligned) for block in (16, largest) for mode in _CE_MODES
+                   for features in (full, "plain") for aligned in (True, False)
+                   if (mode, features) != ("loss+grad", full)]
+    pointers = {"TARGETS": "i64", "SCALE": "fp32", "LOSS": "fp32"}
+    out = []
+    for block, mode, features, aligned in builds:
+        _, warps = ce.ce_block_config(block)
+        on = features != "plain"
+        constexprs = dict(BLOCK_V=block, SOFTCAP=on, SMOOTHING=on, INTERP_BF16=False, **_CE_MODES[mode])
+        out.append(_Variant("ce_rows", "kernels.cross_entropy:_ce_kernel", dtype,
+                            f"BLOCK_V={block} {mode} {features}" + ("" if aligned else " unaligned"), f"warps={warps}",
+                            pointers, constexprs, (), ("label_smoothing", "softcap"), warps, 3, aligned, ("V",)))
     return out
 
 
