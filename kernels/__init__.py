@@ -12,12 +12,13 @@ builds every kernel configuration for sm_80 and sm_90 and prints its registers, 
 """
 
 from kernels import utils
+from kernels.attention import flash_attention, flash_attention_varlen
 from kernels.cross_entropy import linear_cross_entropy
-from kernels.flash_attention import flash_attention
 from kernels.norm import FusedLayerNorm, FusedRMSNorm, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from kernels.patch import Replacement, Rule, patch, register_rule, unpatch
 
 __all__ = [
     "FusedLayerNorm", "FusedRMSNorm", "Replacement", "Rule", "add_layer_norm", "add_rms_norm", "flash_attention",
-    "layer_norm", "linear_cross_entropy", "patch", "register_rule", "rms_norm", "unpatch", "utils",
+    "flash_attention_varlen", "layer_norm", "linear_cross_entropy", "patch", "register_rule", "rms_norm", "unpatch",
+    "utils",
 ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 ARCHS = (80, 90)
 # Integer arguments in CAPS (sizes); every other CAPS argument of a kernel is a pointer.
-SIZE_ARGS = {"H", "T_Q", "T_K", "TQ_BUCKET", "TK_BUCKET", "M", "N", "V"}
+SIZE_ARGS = {"H", "GROUP", "T_Q", "T_K", "T", "TQ_BUCKET", "TK_BUCKET", "M", "N", "V"}
 
 
 @dataclass
@@ -55,7 +55,7 @@ class _Variant:
     dtype: str
     size: str
     config: str
-    pointer_dtypes: dict  # pointer argument -> Triton dtype name (default: `dtype`)
+    pointer_dtypes: dict  # pointer argument -> Triton dtype name (default: `dtype`); listed ones are pointers
     constexprs: dict
     unit_strides: tuple  # stride arguments specialised to 1, as Triton does at run time
     floats: tuple  # float scalar arguments
@@ -69,58 +69,95 @@ class _Variant:
 
 
 def _variants(arch: int, quick: bool) -> list[_Variant]:
-    """Every configuration the launchers can pick on `arch`, in each dtype and head-size class.
-
-    Attention builds are causal at head sizes 64, 80 (masked head tile) and 128, plus, at head size 128 in
-    bfloat16 and float32, non-causal and decoding ones (T_Q = 1, which Triton specialises as a constant; only
-    the 16-row query tiles run then). quick: bfloat16 and float32, causal at head size 128 (the most
-    registers), one non-causal and one decoding build per bfloat16 kernel; norms as `_norm_variants` says.
-    """
-    import importlib
-
+    """Every configuration the launchers can pick on `arch`, in each dtype: attention as `_attention_variants`
+    says, norms as `_norm_variants` says. quick: bfloat16 and float32 only."""
     import torch
 
     from kernels import utils
 
-    # The package exports the functions `flash_attention`/`layer_norm`, which shadow their modules' names.
-    fa = importlib.import_module("kernels.flash_attention")
     out = []
     dtypes = (torch.bfloat16, torch.float32) if quick else (torch.float16, torch.bfloat16, torch.float32)
+    for dtype in dtypes:
+        out += _attention_variants(arch, dtype, quick)
+        out += _norm_variants(utils.TRITON_DTYPE[dtype], quick)
+        out += _cross_entropy_variants(utils.TRITON_DTYPE[dtype], quick)
+    return out
+
+
+# Attention builds: (size label, head size, math, constexpr overrides). GROUP (query heads per key/value
+# head) is a run-time argument, except that Triton specialises GROUP = 1 (no grouped heads) as a constant.
+_PLAIN = dict(GROUP=1, BOUNDED_LEFT=False, BOUNDED_RIGHT=True, SOFTCAP=False, VARLEN=False, KV_RANGE=False)
+_FEATURES = dict(BOUNDED_LEFT=True, BOUNDED_RIGHT=True, SOFTCAP=True, VARLEN=False, KV_RANGE=True)
+_ATTENTION_CASES = {
+    "causal": dict(_PLAIN),
+    "full": dict(_PLAIN, BOUNDED_RIGHT=False),
+    "causal T_Q=1": dict(_PLAIN, T_Q=1),
+    "GQA causal": dict(_PLAIN, GROUP=None),
+    "GQA window softcap padded": dict(_FEATURES),
+    "GQA varlen window softcap": dict(_FEATURES, VARLEN=True, KV_RANGE=False),
+}
+
+
+def _attention_variants(arch: int, dtype, quick: bool) -> list[_Variant]:
+    """Attention (kernels.attention): every autotuning candidate of the three kernels, in builds covering what
+    the launchers specialise on.
+
+    Causal builds at head sizes 64, 80 (a masked head tile) and 128. At head size 128: non-causal ("full"),
+    decoding (T_Q = 1, which Triton specialises as a constant: only the 16-row query tiles run then), grouped
+    heads, every dense feature at once (grouped heads, sliding window, softcap, padded key ranges: the most
+    registers) and packed sequences; head size 59 with every dense feature on. float32 twice: exact products,
+    and TF32 (its own candidates). Every build has Triton's 16-byte divisibility hints: the launchers copy inputs
+    without that alignment (an odd offset, head size 59) into aligned buffers, as builds without the hints spill
+    at every tile size. float16 builds as bfloat16 does: causal only. quick: head size 128 (and 59), every
+    candidate of the every-feature build and the first of each other build, less the non-causal and the grouped
+    causal builds.
+    """
+    import torch
+
+    from kernels import attention as fa
+    from kernels import utils
+
+    name = utils.TRITON_DTYPE[dtype]
+    causal_dims = (128,) if quick else (64, 80, 128)
+    builds = [(f"D={d} causal", d, "ieee", _ATTENTION_CASES["causal"]) for d in causal_dims]
+    if dtype != torch.float16:
+        builds += [(f"D=128 {label}", 128, "ieee", case) for label, case in _ATTENTION_CASES.items()
+                   if label != "causal"]
+        builds += [("D=59 GQA window softcap padded", 59, "ieee", _FEATURES)]
+    if dtype == torch.float32:
+        builds += [(f"D={d} tf32 {label}", d, "tf32", _ATTENTION_CASES[label])
+                   for d in ((128,) if quick else (64, 128)) for label in ("causal", "GQA window softcap padded")]
+    if quick:
+        builds = [b for b in builds if "full" not in b[0] and "GQA causal" not in b[0]]
     unit_strides = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dkd", "stride_dvd",
                     "stride_dqd")
-    for dtype in dtypes:
-        name = utils.TRITON_DTYPE[dtype]
-        cases = [(d, True, False) for d in ((128,) if quick else (64, 80, 128))]  # (D, causal, decoding)
-        if dtype == torch.bfloat16 or dtype == torch.float32 and not quick:  # float16 builds as bfloat16 does
-            cases += [(128, False, False), (128, True, True)]
-        for d, causal, decoding in cases:
-            for kind, kernel in (("fwd", "_attn_fwd_kernel"), ("dkdv", "_attn_bwd_dkdv_kernel"),
-                                 ("dq", "_attn_bwd_dq_kernel")):
-                # Decoding: the configurations the launcher keeps for one query against a long cache.
-                configs = (fa.configs_for_shape(kind, arch, dtype, d, 1, 4096) if decoding
-                           else fa.configs_for(kind, arch, dtype, d))
-                if quick and (decoding or not causal):
-                    configs = configs[:1]
-                for cfg in configs:
-                    bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-                    constexprs = dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-                                      INTERP_BF16=False, PRECISION="ieee" if dtype == torch.float32 else "tf32")
-                    if decoding:
-                        constexprs["T_Q"] = 1
-                    size = f"D={d}" + (" causal" if causal else "") + (" T_Q=1" if decoding else "")
-                    out.append(_Variant(
-                        f"attn_{kind}", f"kernels.flash_attention:{kernel}", name, size,
-                        f"BLOCK_M={bm} BLOCK_N={bn} warps={cfg.num_warps} stages={cfg.num_stages}",
-                        {"LSE": "fp32", "DELTA": "fp32"}, constexprs, unit_strides, ("sm_scale",), cfg.num_warps,
-                        cfg.num_stages))
-            if causal and not decoding:
+    pointers = {"LSE": "fp32", "DELTA": "fp32", "CU_Q": "i32", "CU_K": "i32", "KV_START": "i32", "KV_END": "i32",
+                **{p: name for p in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")}}  # named: "V" is a size elsewhere
+    out = []
+    for size, d, precision, case in builds:
+        precision = precision if dtype == torch.float32 else "tf32"  # unused by 16-bit operands
+        for kind, kernel in (("fwd", "_attn_fwd_kernel"), ("dkdv", "_attn_bwd_dkdv_kernel"),
+                             ("dq", "_attn_bwd_dq_kernel")):
+            # Decoding: the configurations the launcher keeps for one query against a long cache.
+            configs = (fa.configs_for_shape(kind, arch, dtype, d, 1, 4096, precision) if "T_Q=1" in size
+                       else fa.configs_for(kind, arch, dtype, d, precision))
+            if quick and size != "D=128 GQA window softcap padded":
+                configs = configs[:1]
+            for cfg in configs:
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                constexprs = {k: v for k, v in case.items() if v is not None}
+                constexprs.update(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=bm, BLOCK_N=bn, INTERP_BF16=False,
+                                  PRECISION=precision)
                 out.append(_Variant(
-                    "attn_bwd_preprocess", "kernels.flash_attention:_attn_bwd_preprocess_kernel", name, f"D={d}",
-                    f"BLOCK_M={fa.PREPROCESS_BLOCK_M} warps=4", {"DELTA": "fp32"},
-                    dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=fa.PREPROCESS_BLOCK_M),
-                    ("stride_od", "stride_dod"), (), 4, 3))
-        out += _norm_variants(name, quick)
-        out += _cross_entropy_variants(name, quick)
+                    f"attn_{kind}", f"kernels.attention:{kernel}", name, size,
+                    f"BLOCK_M={bm} BLOCK_N={bn} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
+                    constexprs, unit_strides, ("sm_scale", "softcap"), cfg.num_warps, cfg.num_stages))
+    for d in causal_dims:
+        out.append(_Variant(
+            "attn_bwd_preprocess", "kernels.attention:_attn_bwd_preprocess_kernel", name, f"D={d}",
+            f"BLOCK_M={fa.PREPROCESS_BLOCK_M} warps=4", {"DELTA": "fp32"},
+            dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=fa.PREPROCESS_BLOCK_M),
+            ("stride_od", "stride_dod"), (), 4, 3))
     return out
 
 
@@ -224,7 +261,7 @@ def _build(v: _Variant, arch: int) -> CompileRow:
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg.isupper() and arg not in SIZE_ARGS:  # pointers, 16-byte aligned as PyTorch allocates
+        elif arg in v.pointer_dtypes or arg.isupper() and arg not in SIZE_ARGS:  # pointers, 16-byte aligned
             signature[arg] = "*" + v.pointer_dtypes.get(arg, v.dtype)
             if v.aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
@@ -252,8 +289,12 @@ def _build_job(job: tuple[_Variant, int]) -> CompileRow:
     return _build(*job)
 
 
-def _build_all(quick: bool, archs: tuple[int, ...], only: str | None = None) -> list[CompileRow]:
+def _build_all(quick: bool, archs: tuple[int, ...], only: str | None = None,
+               match: str | None = None) -> list[CompileRow]:
     jobs = [(v, arch) for arch in archs for v in _variants(arch, quick) if only is None or v.kernel == only]
+    jobs = [(v, arch) for v, arch in jobs if match is None or match in f"{v.dtype} {v.size}"]
+    if not jobs and match is not None:
+        raise ValueError(f"no build matches {match!r}")
     if not jobs:
         raise ValueError(f"no kernel named {only!r}; kernels: {sorted({v.kernel for v in _variants(archs[0], quick)})}")
     # One process per core: ptxas and Triton's passes are single-threaded.
@@ -261,18 +302,19 @@ def _build_all(quick: bool, archs: tuple[int, ...], only: str | None = None) -> 
         return list(pool.map(_build_job, jobs))
 
 
-def compile_report(quick: bool = False, archs: tuple[int, ...] = ARCHS, only: str | None = None) -> list[CompileRow]:
+def compile_report(quick: bool = False, archs: tuple[int, ...] = ARCHS, only: str | None = None,
+                   match: str | None = None) -> list[CompileRow]:
     """Compile every kernel configuration for each architecture in `archs` (no GPU needed); one row each.
 
     `quick` builds a subset (see `_variants`): bfloat16 and float32, attention mostly at head size 128.
-    `only` keeps one kernel (e.g. "ln_fwd").
+    `only` keeps one kernel (e.g. "ln_fwd"); `match` the builds whose "dtype size" contains it ("bf16 D=128").
     """
     from kernels import utils
 
     if not utils.interpreting():
-        return _build_all(quick, archs, only)
+        return _build_all(quick, archs, only, match)
     cmd = [sys.executable, "-m", "kernels.compile_report", "--json", "--archs", *map(str, archs)]
-    cmd += (["--quick"] if quick else []) + (["--only", only] if only else [])
+    cmd += (["--quick"] if quick else []) + (["--only", only] if only else []) + (["--match", match] if match else [])
     env = dict(os.environ, TRITON_INTERPRET="0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -300,9 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), help="compute capabilities")
     parser.add_argument("--only", default=None, help="build one kernel only, e.g. ln_fwd")
+    parser.add_argument("--match", default=None, help='builds whose "dtype size" contains this, e.g. "bf16 D=128"')
     args = parser.parse_args(argv)
     try:
-        rows = compile_report(quick=args.quick, archs=tuple(args.archs), only=args.only)
+        rows = compile_report(quick=args.quick, archs=tuple(args.archs), only=args.only, match=args.match)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

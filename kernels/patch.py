@@ -8,13 +8,13 @@
   never imported) gets `attn_impl = "triton"`;
 - a Hugging Face `transformers` model (it has `set_attn_implementation` and a config with an
   `_attn_implementation`) is switched to `flash_attention`, registered in transformers' own
-  `AttentionInterface` under `ATTN_KEY`.
+  `AttentionInterface` under `ATTN_KEY` (`kernels.hf_attention`: grouped heads, padding, sliding windows and
+  softcap run the kernel; anything else the model's own implementation, with a warning).
 Other model families need one more `Rule`, registered with `register_rule`, not another walker.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +22,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from kernels.flash_attention import flash_attention
+from kernels import hf_attention
+from kernels.hf_attention import ATTN_KEY
 from kernels.norm import FusedLayerNorm, FusedRMSNorm
-
-ATTN_KEY = "kernels_triton"  # our name in transformers' attention registry ("flash" in it would trigger HF checks)
 
 
 @dataclass
@@ -155,6 +154,7 @@ def _set_hf_attention(module: nn.Module, path: str) -> Replacement | None:
     if old == ATTN_KEY:
         return None  # already switched (an outer model shares this config)
     register_hf_attention()
+    hf_attention.remember_implementations(module)  # each config's fallback
     module.set_attn_implementation(ATTN_KEY)
     return Replacement(path, "hf_attention", "attribute", old, ATTN_KEY, target=module)
 
@@ -166,45 +166,8 @@ register_rule(Rule("hf_attention", "attention", _is_hf_model, _set_hf_attention)
 
 
 # ----------------------------------------------------------------------------- transformers
-def hf_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                         is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function interface: (B, H, T, D) query, (B, H_kv, S, D) key/value ->
-    ((B, T, H, D) output, no weights).
-
-    Runs `flash_attention` whenever the mask is the plain causal one (transformers then passes no mask: we
-    register sdpa's mask builder under our key). Padding masks, attention dropout, attention weights, position
-    biases and paged caches have no kernel here: those calls fall back to sdpa, with a warning (once per process, by
-    Python's default warning filter).
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    unsupported = {"attention mask": attention_mask is not None, "attention dropout": dropout > 0.0,
-                   "attention weights output": bool(kwargs.get("output_attentions")),
-                   "position bias": kwargs.get("position_bias") is not None,
-                   "paged cache": kwargs.get("cache") is not None}
-    if any(unsupported.values()):
-        reasons = ", ".join(name for name, asked in unsupported.items() if asked)
-        warnings.warn(f"kernels.flash_attention has no {reasons}: transformers' sdpa attention runs instead",
-                      stacklevel=2)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: one key/value head per group of query heads
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # No mask: the plain causal one (T_Q == T_K, or one query against a cache: our diagonal is end-aligned).
-    out = flash_attention(query, key, value, causal=bool(causal), sm_scale=scaling)
-    return out.transpose(1, 2), None  # (B, T, H, D)
-
-
-def register_hf_attention() -> None:
-    """Register `hf_attention_forward` (and sdpa's mask builder) in transformers' registries under ATTN_KEY."""
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(ATTN_KEY, hf_attention_forward)
-    AttentionMaskInterface.register(ATTN_KEY, sdpa_mask)
+hf_attention_forward = hf_attention.attention_forward  # what the registry runs under ATTN_KEY
+register_hf_attention = hf_attention.register
 
 
 # ----------------------------------------------------------------------------- the walker

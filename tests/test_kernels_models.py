@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -124,16 +125,22 @@ def test_patched_hugging_face_gpt2_computes_the_same_function():
     assert patched.config._attn_implementation == model.config._attn_implementation
 
 
-def test_hugging_face_padding_mask_falls_back_to_sdpa():
+def test_hugging_face_padding_runs_the_kernel():
+    """A left-padded batch: the mask becomes per-sequence key ranges, no fallback (tests/test_kernels_hf_families.py
+    covers the other model families)."""
     model = small_hf_model()
     patched = copy.deepcopy(model)
     kernels.patch(patched)
     idx = torch.randint(0, 211, (2, 12))
     mask = torch.ones(2, 12, dtype=torch.long)
-    mask[1, :3] = 0  # left padding: not a plain causal mask, no kernel for it
-    with torch.no_grad(), pytest.warns(UserWarning, match="sdpa"):
+    mask[1, :3] = 0
+    utils.reset_dispatch_counts()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback would warn
         got = patched(idx, attention_mask=mask).logits
-    assert_rel_close(got, model(idx, attention_mask=mask).logits, 1e-5, "logits with padding")
+    assert utils.dispatch_counts()[("flash_attn_fwd", "interpreter")] == 2
+    valid = mask.bool()  # padded queries see no key: their outputs are not compared
+    assert_rel_close(got[valid], model(idx, attention_mask=mask).logits[valid], 1e-5, "logits with padding")
 
 
 def test_walker_registry_and_shared_modules():
