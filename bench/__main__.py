@@ -32,8 +32,10 @@ DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton ker
            spills, shared memory, tensor-core instructions; exit 1 if any configuration spills
   data     prepare tokens/s (1 and 2 workers vs a plain tiktoken loop) on a generated 200 MB corpus; the
            trainers' peak memory on 10M- and 1B-token shard datasets, and their time waiting for data
+  loss     memory and time of the loss, whole logits against the fused linear cross-entropy, both sides:
+           the loss alone (forward+backward) and one training step with each --loss-impl
 
-No subcommand: all five on defaults (kernels, compile and data on their --quick subsets).
+No subcommand: all six on defaults (kernels, compile and data on their --quick subsets).
 Outputs: a terminal table, and --json/--csv/--plot files."""
 
 
@@ -59,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(p, top=True)
-    sub = p.add_subparsers(dest="command", metavar="{parity,speed,kernels,compile,data}")
+    sub = p.add_subparsers(dest="command", metavar="{parity,speed,kernels,compile,data,loss}")
     par = sub.add_parser("parity", help="torch vs jax: same function?",
                          formatter_class=HelpFormatter)
     add_model(par, batch=2, seq_len=64)
@@ -79,6 +81,12 @@ def parser() -> argparse.ArgumentParser:
     spd.add_argument("--phase", action="append", help="only these phases (repeatable), e.g. forward")
     spd.add_argument("--precision", default="highest", choices=["highest", "tf32"],
                      help="float32 matmuls on both sides: exact, or TF32 where the GPU has it")
+    spd.add_argument("--study", default=None, choices=["depth", "memory"],
+                     help="instead of the phases: depth (JAX train-step compile and step time at each --layers, "
+                          "scanned and unrolled) or memory (activation memory with each --remat, both sides)")
+    spd.add_argument("--layers", type=int, action="append", help="--study depth: depths (repeatable; default 12 24 48)")
+    spd.add_argument("--remat", action="append", choices=["none", "block", "dots"],
+                     help="--study memory: remat modes (repeatable; default all three)")
     add_common(spd)
     ker = sub.add_parser("kernels", help="Triton kernels: speed on CUDA, correctness sweep elsewhere",
                          formatter_class=HelpFormatter)
@@ -103,6 +111,14 @@ def parser() -> argparse.ArgumentParser:
     dat.add_argument("--steps", type=int, default=None, help="trainer steps per run (default 20)")
     dat.add_argument("--tmp", default=None, help="folder for the corpus and datasets (default: the system's)")
     add_common(dat)
+    los = sub.add_parser("loss", help="memory and time of the loss: whole logits vs fused, both sides",
+                         formatter_class=HelpFormatter)
+    add_model(los, batch=2, seq_len=64)
+    los.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    los.add_argument("--side", action="append", choices=["torch", "jax"], help="only these sides (repeatable)")
+    los.add_argument("--part", action="append", choices=["loss", "step"],
+                     help="only these parts (repeatable): the loss alone, or a whole training step")
+    add_common(los)
     return p
 
 
@@ -126,6 +142,15 @@ def run_parity(args) -> list[report.Row]:
 
 def run_speed(args) -> list[report.Row]:
     from bench import speed
+
+    if getattr(args, "study", None) is not None:
+        from bench import depth
+
+        if args.study == "depth":
+            return depth.depth_rows(model_config(args), args.layers or [12, 24, 48], batch=args.batch,
+                                    seq_len=args.seq_len, repeats=args.repeats, progress=progress)
+        return depth.memory_rows(model_config(args), tuple(args.remat or depth.REMATS), batch=args.batch,
+                                 seq_len=args.seq_len, repeats=args.repeats, progress=progress)
 
     return speed.run(model_config(args), batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
                      repeats=args.repeats, decode_tokens=args.decode_tokens, impls=args.impl, precision=args.precision,
@@ -154,10 +179,18 @@ def run_data(args) -> list[report.Row]:
                     large_tokens=args.large_tokens, steps=args.steps, tmp=args.tmp, progress=progress)
 
 
+def run_loss(args) -> list[report.Row]:
+    from bench import loss_memory
+
+    return loss_memory.run(model_config(args), batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
+                           repeats=args.repeats, seed=args.seed, sides=tuple(args.side or loss_memory.SIDES),
+                           parts=tuple(args.part or loss_memory.PARTS), progress=progress)
+
+
 # `python -m bench` with no subcommand: each suite on its defaults, the Triton ones on their quick subsets,
 # so that the whole run stays within a few minutes on a 2-core CPU.
 NO_SUBCOMMAND = {"parity": ["parity"], "speed": ["speed"], "kernels": ["kernels", "--quick"],
-                 "compile": ["compile", "--quick"], "data": ["data", "--quick"]}
+                 "compile": ["compile", "--quick"], "data": ["data", "--quick"], "loss": ["loss"]}
 
 
 def defaults(command: str) -> argparse.Namespace:
@@ -178,7 +211,7 @@ def check(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     runners = {"parity": run_parity, "speed": run_speed, "kernels": run_kernels, "compile": run_compile,
-               "data": run_data}
+               "data": run_data, "loss": run_loss}
     suites = [args.command] if args.command else list(runners)
     rows: list[report.Row] = []
     t0 = time.perf_counter()

@@ -78,9 +78,12 @@ def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "
         raise ValueError(f"dtype must be one of {twins.DTYPES}, got {dtype!r}")
     available = implementations()
     impls = impls or available
-    unknown = [i for i in impls if i not in available]
+    # "+scan": a JAX implementation with scan_layers=True (not in the default list: ask for it, e.g. jax/xla+scan).
+    unknown = [i for i in impls if i.removesuffix("+scan") not in available or (i.endswith("+scan") and
+                                                                               not i.startswith("jax"))]
     if unknown:
-        raise ValueError(f"implementation(s) {unknown} cannot run here; available: {available}")
+        raise ValueError(f"implementation(s) {unknown} cannot run here; available: {available} "
+                         "(and jax/...+scan for a scanned JAX model)")
     bad = [p for p in phases if p not in PHASES]
     if bad:
         raise ValueError(f"unknown phase(s) {bad}; choose from {PHASES}")
@@ -251,11 +254,11 @@ def _jax_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
     import jax_gpt
     from jax_gpt.model import cross_entropy_loss
 
-    attn = impl.split("/")[1]
+    attn, _, variant = impl.split("/")[1].partition("+")
     if attn == "cudnn" and s.dtype == "float32":
         return [_row(s, impl, phase, None, 0, 0, None, None, "cuDNN attention takes float16/bfloat16 only")
                 for phase in phases]
-    tw = twins.build(s.config, dtype=s.dtype, jax_attn=attn)
+    tw = twins.build(s.config, dtype=s.dtype, jax_attn=attn, scan_layers=variant == "scan")
     model = tw.jax_model
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # differentiate the Params only
     rng = np.random.default_rng(0)

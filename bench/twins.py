@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from gpt_core.checkpoint import CONV1D_WEIGHTS
 from gpt_core.config import GPTConfig
+from gpt_core.params import off_init
 from gpt_core.training import OptimizerConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -51,8 +51,9 @@ def set_precision(mode: str) -> None:
 
 
 def build(config: GPTConfig, seed: int = 0, dtype: str = "float32", torch_attn: str = "sdpa",
-          jax_attn: str = "xla", device: str = "cpu") -> Twins:
-    """A randomly initialised torch_gpt model and a jax_gpt model loaded from its checkpoint."""
+          jax_attn: str = "xla", device: str = "cpu", **jax_runtime) -> Twins:
+    """A randomly initialised torch_gpt model (biases and LayerNorms moved off their constant init, so no mapping
+    hides) and a jax_gpt model loaded from its checkpoint; `jax_runtime`: scan_layers, remat."""
     import jax.numpy as jnp
     import torch
 
@@ -63,15 +64,11 @@ def build(config: GPTConfig, seed: int = 0, dtype: str = "float32", torch_attn: 
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     torch.manual_seed(seed)
     tm = torch_gpt.GPTModel(config, attn_impl=torch_attn)
-    with torch.no_grad():  # move LayerNorms and biases off their constant init so no mapping hides
-        g = torch.Generator().manual_seed(seed + 1)
-        for name, p in tm.named_parameters():
-            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
-                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    tm.load_canonical_state(off_init(tm.canonical_state(), seed + 1))
     with tempfile.TemporaryDirectory() as d:
         tm.save_pretrained(d)
         jdt = getattr(jnp, dtype)
-        jm = jax_gpt.GPTModel.from_pretrained(d, dtype=jdt, param_dtype=jdt, attn_impl=jax_attn)
+        jm = jax_gpt.GPTModel.from_pretrained(d, dtype=jdt, param_dtype=jdt, attn_impl=jax_attn, **jax_runtime)
     tm = tm.to(device=device, dtype=getattr(torch, dtype))
     return Twins(config, tm, jm, dtype)
 
@@ -81,6 +78,7 @@ def torch_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndar
     import torch
 
     from torch_gpt import cross_entropy_loss
+    from torch_gpt.convert import canonical_grads
 
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -88,18 +86,15 @@ def torch_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndar
     logits = model(torch.from_numpy(x).to(dev))
     loss = cross_entropy_loss(logits, torch.from_numpy(y).to(dev))
     loss.backward()
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.detach().float().cpu().numpy()
-        grads[name] = g.T if CONV1D_WEIGHTS.fullmatch(name) else g
     with torch.no_grad():
-        return logits.detach().float().cpu().numpy(), float(loss), grads
+        return logits.detach().float().cpu().numpy(), float(loss), canonical_grads(model)
 
 
 def jax_forward_backward(model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
     from flax import nnx
 
-    from jax_gpt.model import cross_entropy_loss, to_canonical
+    from jax_gpt.convert import to_canonical
+    from jax_gpt.model import cross_entropy_loss
 
     def loss_fn(m):
         logits = m(x)

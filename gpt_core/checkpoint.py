@@ -4,7 +4,12 @@ A checkpoint is a directory with `config.json` (a GPT-2 config Hugging Face read
 `model.safetensors`. The canonical state is a dict of numpy arrays under Hugging Face GPT-2 names
 without the `transformer.` prefix, in Hugging Face layouts: the `Conv1D` weights of `c_attn`, `c_proj`
 and `c_fc` are stored (in, out); `lm_head.weight` is (vocab, emb) and absent when tied. Each framework
-converts to its own layout with `CONV1D_WEIGHTS`, one loop with shape checks.
+converts to its own layout in one module (torch_gpt/convert.py, jax_gpt/convert.py) by the rules of
+gpt_core/params.py.
+
+`resolve_checkpoint` takes a directory or a Hugging Face Hub repository id ("gpt2",
+"openai-community/gpt2-medium"), the latter through `huggingface_hub`'s cache. A damaged file (a truncated
+safetensors, a broken index or config) raises `CheckpointError` naming the file and the fault.
 
 Never unpickles: `.bin` files are the torch side's business, through `torch.load(weights_only=True)`.
 """
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can read bf16 checkpoints)
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from gpt_core.config import GPTConfig
@@ -29,8 +35,8 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 TORCH_BIN_FILE = "pytorch_model.bin"
 
-# Matrices stored (in, out) by Hugging Face's Conv1D: frameworks with (out, in) linears transpose these.
-CONV1D_WEIGHTS = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# What a Hub repository's snapshot needs of its files: the config and the safetensors weights (maybe sharded).
+HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE, "model-*-of-*.safetensors"]
 # Buffers Hugging Face GPT-2 checkpoints may carry: the causal mask and its fill value, not weights.
 _HF_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
@@ -106,6 +112,50 @@ def save_checkpoint(directory: str | Path, config: GPTConfig, state: dict[str, n
     return directory
 
 
+def resolve_checkpoint(name_or_dir: str | Path) -> Path:
+    """The checkpoint directory `name_or_dir` names: a directory, or a Hugging Face Hub repository id ("gpt2",
+    "openai-community/gpt2-medium") whose config and safetensors come from `huggingface_hub.snapshot_download`.
+    That honours the Hub's environment: HF_HUB_OFFLINE=1 reads only the local cache (HF_HUB_CACHE or HF_HOME),
+    and a Hub out of reach falls back to the cache too. Raises FileNotFoundError saying why neither worked."""
+    path = Path(name_or_dir)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file, not a checkpoint directory")
+    name = str(name_or_dir)
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import validate_repo_id
+    except ImportError:
+        raise FileNotFoundError(f"checkpoint directory {name} does not exist (to load Hugging Face Hub repositories "
+                                "by name, install huggingface_hub)") from None
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        raise FileNotFoundError(f"checkpoint directory {name} does not exist (nor is it a Hugging Face Hub "
+                                "repository id)") from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # the Hub's errors are many; each becomes one line here
+        raise FileNotFoundError(f"{name} is not a checkpoint directory, and {_hub_failure(name, e)}") from None
+
+
+def _hub_failure(name: str, e: Exception) -> str:
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(e, LocalEntryNotFoundError):
+        why = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+               else f"the Hub ({constants.ENDPOINT}) cannot be reached")
+        return f"the Hugging Face Hub cache ({constants.HF_HUB_CACHE}) holds no snapshot of {name!r}, while {why}"
+    if isinstance(e, GatedRepoError):
+        return f"the Hub repository {name!r} is gated: accept its terms and log in (`hf auth login`)"
+    if isinstance(e, RepositoryNotFoundError):
+        return f"the Hugging Face Hub has no repository {name!r} (or it is private: log in with `hf auth login`)"
+    lines = str(e).strip().splitlines()
+    return f"fetching {name!r} from the Hugging Face Hub failed ({type(e).__name__}: {lines[0] if lines else ''})"
+
+
 def load_config(directory: str | Path) -> GPTConfig:
     directory = Path(directory)
     if not directory.is_dir():
@@ -113,7 +163,10 @@ def load_config(directory: str | Path) -> GPTConfig:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a checkpoint directory needs {CONFIG_FILE}")
-    return GPTConfig.from_json(path)
+    try:
+        return GPTConfig.from_json(path)
+    except (ValueError, TypeError) as e:  # not UTF-8, not JSON, or not a GPT-2 config
+        raise CheckpointError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
 
 
 def load_raw_safetensors(directory: str | Path) -> dict[str, np.ndarray] | None:
@@ -123,13 +176,24 @@ def load_raw_safetensors(directory: str | Path) -> dict[str, np.ndarray] | None:
     if (directory / WEIGHTS_FILE).is_file():
         shards = [directory / WEIGHTS_FILE]
     elif (directory / WEIGHTS_INDEX_FILE).is_file():
-        weight_map = json.loads((directory / WEIGHTS_INDEX_FILE).read_text())["weight_map"]
-        shards = [directory / shard for shard in sorted(set(weight_map.values()))]
+        index = directory / WEIGHTS_INDEX_FILE
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = [directory / shard for shard in sorted(set(weight_map.values()))]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a readable safetensors index ({type(e).__name__}: {e})") from None
+        missing = [s.name for s in shards if not s.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not there: {missing}")
     else:
         return None
     raw: dict[str, np.ndarray] = {}
     for shard in shards:
-        raw |= {k: _widen(v) for k, v in load_file(shard).items()}
+        try:
+            tensors = load_file(shard)
+        except SafetensorError as e:  # a truncated or partly written file, or not safetensors at all
+            raise CheckpointError(f"{shard} is damaged: {e} (a truncated or partly written file?)") from None
+        raw |= {k: _widen(v) for k, v in tensors.items()}
     return raw
 
 
@@ -139,9 +203,10 @@ def _widen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def load_checkpoint(directory: str | Path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
-    """Read a checkpoint directory (ours, or one `transformers`' `save_pretrained` wrote) -> (config, state)."""
-    directory = Path(directory)
+def load_checkpoint(name_or_dir: str | Path) -> tuple[GPTConfig, dict[str, np.ndarray]]:
+    """Read a checkpoint (ours, one `transformers`' `save_pretrained` wrote, or a Hub repository id: see
+    `resolve_checkpoint`) -> (config, state)."""
+    directory = resolve_checkpoint(name_or_dir)
     config = load_config(directory)
     raw = load_raw_safetensors(directory)
     if raw is None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import types
 
 from gpt_core.cli import HelpFormatter
 from gpt_core.tokenizer import Tokenizer, check_vocab_size, encode_text, get_tokenizer
@@ -23,9 +21,12 @@ def build_parser(prog: str, attn_impls: tuple[str, ...], default_attn: str) -> a
     """The generation CLIs' shared flags; each adds its framework's own (device, dtype) after this."""
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=HelpFormatter,
-        description="Continue a text prompt with a GPT checkpoint (a directory with config.json and "
-                    "model.safetensors, ours or one written by transformers' save_pretrained).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory")
+        description="Continue a text prompt with a GPT checkpoint: a directory with config.json and "
+                    "model.safetensors (ours, or one written by transformers' save_pretrained), or a Hugging Face "
+                    "Hub GPT-2 repository id such as gpt2 or openai-community/gpt2-medium (read through the local "
+                    "Hub cache; HF_HUB_OFFLINE=1 reads only the cache).")
+    p.add_argument("--checkpoint", "--init-from", dest="checkpoint", required=True, metavar="DIR_OR_NAME",
+                   help="checkpoint directory or Hugging Face Hub repository id")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -48,15 +49,3 @@ def encode_prompt(args: argparse.Namespace, vocab_size: int) -> tuple[Tokenizer,
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     return tokenizer, ids
-
-
-def keep_callable(module_name: str, fn) -> None:
-    """`import torch_gpt.generate` (the CLI module) rebinds the package's `generate` from the function to the
-    module, as Python binds every imported submodule: make that module call the function, so
-    `torch_gpt.generate(model, idx, n)` works whichever was imported last."""
-
-    class CallableModule(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return fn(*args, **kwargs)
-
-    sys.modules[module_name].__class__ = CallableModule

@@ -33,7 +33,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from gpt_core.batches import DataConfig, TrainingData, open_training_data
-from gpt_core.checkpoint import load_checkpoint, save_checkpoint
+from gpt_core.checkpoint import load_checkpoint, load_config, resolve_checkpoint, save_checkpoint
 from gpt_core.cli import HelpFormatter
 from gpt_core.config import GPTConfig
 from gpt_core.tokenizer import encode_text
@@ -58,7 +58,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="tiny", help="GPTConfig preset: tiny, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     m.add_argument("--config", default=None, help="a config JSON file (any dialect); overrides --preset")
-    m.add_argument("--init-from", default=None, help="start from the weights of this checkpoint directory")
+    m.add_argument("--init-from", default=None, metavar="DIR_OR_NAME",
+                   help="start from these weights: a checkpoint directory or a Hugging Face Hub repository id "
+                        "(gpt2, openai-community/gpt2-medium, ...; HF_HUB_OFFLINE=1 reads only the local Hub cache)")
+    m.add_argument("--remat", default="none", choices=["none", "block", "dots"],
+                   help="recompute activations in the backward to save memory: none; block (each block from its "
+                        "input); dots (the same, keeping the linear layers' matmul outputs)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
                    help="a folder of token shards (`python -m gpt_core.data prepare`, or llm.c's *_train_*.bin / "
@@ -123,8 +128,8 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     """The architecture from --config, --init-from's checkpoint, or --preset (in that order)."""
     if args.config is not None:
         return GPTConfig.from_json(args.config)
-    if args.init_from is not None:
-        return load_checkpoint(args.init_from)[0]
+    if args.init_from is not None:  # the config only: the backend reads the weights (torch also a .bin)
+        return load_config(resolve_checkpoint(args.init_from))
     return GPTConfig.from_preset(args.preset)
 
 

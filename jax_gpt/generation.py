@@ -97,7 +97,8 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array, key: jax
         return sample_next(logits, 0.0 if temperature is None else temperature, top_k, top_p, step_key)
 
     def prefill(window: jax.Array) -> tuple[jax.Array, KVCache]:  # (B, t) from position 0 of a fresh cache
-        logits, cache = model(window, cache=KVCache.create(config, B, width, dtype=model.dtype))
+        fresh = KVCache.create(config, B, width, dtype=model.dtype, stacked=model.scan_layers)
+        logits, cache = model(window, cache=fresh)
         return logits[:, -1], cache  # (B, V)
 
     def decode(out: jax.Array, cur: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

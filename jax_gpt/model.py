@@ -1,15 +1,18 @@
 """GPT-2 in Flax NNX, reading side by side with torch_gpt/model.py.
 
 Parameter paths are those of the Hugging Face GPT-2 checkpoint (`wte`, `wpe`, `h.{i}.ln_1`,
-`attn.c_attn`, …) with Flax's leaf names (`kernel`, `scale`, `embedding`), so loading is a loop over one
-name table with shape checks. Shapes: B batch, T query positions, S key positions (T, or a KV cache's
-static length), nh heads, hs head size, C = emb_dim.
+`attn.c_attn`, …) with Flax's leaf names (`kernel`, `scale`, `embedding`), so loading is a loop over names
+with shape checks (jax_gpt/convert.py). The init, the sinusoidal table and the layouts are gpt_core's
+(gpt_core/params.py). With `scan_layers=True` the blocks are one module whose arrays carry a leading layer
+axis, run by a `lax.scan`. Shapes: B batch, T query positions, S key positions (T, or a KV cache's static
+length), nh heads, hs head size, C = emb_dim, L n_layers.
 """
 
 from __future__ import annotations
 
 import contextvars
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -20,41 +23,66 @@ import optax
 from flax import nnx
 from jax import lax
 
-from gpt_core.checkpoint import CheckpointError, canonicalize, load_checkpoint, save_checkpoint
+from gpt_core.checkpoint import CheckpointError, canonicalize, expected_shapes, load_checkpoint, save_checkpoint
 from gpt_core.config import GPTConfig
+from gpt_core.params import init_rule, sinusoidal_table
+from jax_gpt import convert
 
 ATTN_IMPLS = ("math", "xla", "cudnn")
+# What the backward recomputes (jax.checkpoint's policy): "block" keeps only each block's input, "dots" also the
+# matmuls without batch dimensions (the linear layers, not attention's batched ones), as MaxText's remat_policy.
+REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Static-shape key/value buffers, one (B, nh, max_len, hs) pair per layer, and the fill level.
+    """Static-shape key/value buffers and the fill level: one (B, nh, max_len, hs) pair per layer, or for a
+    scanned model one (L, B, nh, max_len, hs) stack (`stacked=True`), which the scan carries.
 
     A pytree, so it crosses `jax.jit` and `lax` loops. torch_gpt's cache is written in place; this one is
-    immutable: the model returns an updated copy, with `pos` advanced after its last layer. One array per
-    layer rather than one stack: slicing a layer out of a stack defeats XLA's in-place update.
+    immutable: the model returns an updated copy, with `pos` advanced after its last layer. An unrolled model
+    keeps one array per layer rather than one stack: slicing a layer out of a stack defeats XLA's in-place update.
     """
 
-    k: tuple[jax.Array, ...]  # n_layers × (B, nh, max_len, hs)
-    v: tuple[jax.Array, ...]  # n_layers × (B, nh, max_len, hs)
+    k: tuple[jax.Array, ...] | jax.Array  # L × (B, nh, max_len, hs), or (L, B, nh, max_len, hs)
+    v: tuple[jax.Array, ...] | jax.Array
     pos: jax.Array | int  # () int32: positions filled so far; a Python 0 while it is fresh
 
     @classmethod
-    def create(cls, config: GPTConfig, batch_size: int, max_len: int, *, dtype=jnp.float32) -> KVCache:
+    def create(cls, config: GPTConfig, batch_size: int, max_len: int, *, dtype=jnp.float32,
+               stacked: bool = False) -> KVCache:
         if max_len > config.context_length:
             raise ValueError(f"KV cache max_len {max_len} exceeds context_length {config.context_length}")
         shape = (batch_size, config.n_heads, max_len, config.head_dim)
+        if stacked:
+            return cls(jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype), 0)
         k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)) for _ in range(2))
         return cls(k, v, 0)
 
     @property
-    def max_len(self) -> int:
-        return self.k[0].shape[2]
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
 
-    def update(self, layer: int, k: jax.Array, v: jax.Array) -> KVCache:
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3] if self.stacked else self.k[0].shape[2]
+
+    def layer(self, i: int | jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Layer i's (B, nh, max_len, hs) keys and values; `i` may be traced when stacked."""
+        if self.stacked:
+            return (lax.dynamic_index_in_dim(self.k, i, keepdims=False),
+                    lax.dynamic_index_in_dim(self.v, i, keepdims=False))
+        return self.k[i], self.v[i]
+
+    def update(self, layer: int | jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
         """Store (B, nh, T, hs) keys/values at `pos`, for the calls that follow. The storing call attends to
         them directly and to the cache as it was: read before written, so XLA updates it in place."""
+        if self.stacked:
+            at = (layer, 0, 0, self.pos, 0)
+            return dataclasses.replace(self, k=lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
+                                       v=lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at))
         ks, vs = list(self.k), list(self.v)
         ks[layer] = lax.dynamic_update_slice(ks[layer], k.astype(ks[layer].dtype), (0, 0, self.pos, 0))
         vs[layer] = lax.dynamic_update_slice(vs[layer], v.astype(vs[layer].dtype), (0, 0, self.pos, 0))
@@ -118,13 +146,7 @@ class SinusoidalPositions(nnx.Module):
     """Fixed sin/cos position table of the original Transformer; a buffer, never saved or trained."""
 
     def __init__(self, config: GPTConfig, dtype=jnp.float32):
-        pos = np.arange(config.context_length, dtype=np.float64)[:, None]  # (ctx, 1)
-        freq = np.exp(-math.log(10000.0) * np.arange(0, config.emb_dim, 2, dtype=np.float64)
-                      / config.emb_dim)  # (ceil(C/2),)
-        table = np.zeros((config.context_length, config.emb_dim), dtype=np.float64)
-        table[:, 0::2] = np.sin(pos * freq)
-        table[:, 1::2] = np.cos(pos * freq)[:, : config.emb_dim // 2]
-        self.table = Buffer(jnp.asarray(table, jnp.float32))  # float64 maths, then float32 as torch_gpt
+        self.table = Buffer(jnp.asarray(sinusoidal_table(config.context_length, config.emb_dim)))  # (ctx, C)
         self.dtype = dtype
 
     def __call__(self, positions: jax.Array) -> jax.Array:
@@ -140,7 +162,7 @@ class CausalSelfAttention(nnx.Module):
         self.attn_dropout = nnx.Dropout(config.drop_rate, rngs=rngs)
         self.resid_dropout = nnx.Dropout(config.drop_rate, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cache: KVCache | None = None, layer: int = 0, *,
+    def __call__(self, x: jax.Array, cache: KVCache | None = None, layer: int | jax.Array = 0, *,
                  deterministic: bool = True) -> tuple[jax.Array, KVCache | None]:
         B, T, C = x.shape
         q, k, v = jnp.split(self.c_attn(x), 3, axis=2)  # 3 × (B, T, C)
@@ -150,7 +172,7 @@ class CausalSelfAttention(nnx.Module):
         past = None
         if cache is not None:
             if not (isinstance(cache.pos, int) and cache.pos == 0):  # a fresh cache holds no past
-                past = (cache.k[layer], cache.v[layer], cache.pos)  # (B, nh, S, hs) × 2, as earlier calls left them
+                past = (*cache.layer(layer), cache.pos)  # (B, nh, S, hs) × 2, as earlier calls left them
             cache = cache.update(layer, k, v)
         dropout = None if deterministic or self.drop_rate == 0 else self.attn_dropout
         y = attention(q, k, v, self.attn_impl, dropout, past)  # (B, nh, T, hs)
@@ -178,7 +200,7 @@ class Block(nnx.Module):
         self.ln_2 = make_layer_norm(config, dtype, param_dtype, rngs)
         self.mlp = MLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cache: KVCache | None = None, layer: int = 0, *,
+    def __call__(self, x: jax.Array, cache: KVCache | None = None, layer: int | jax.Array = 0, *,
                  deterministic: bool = True) -> tuple[jax.Array, KVCache | None]:
         y, cache = self.attn(self.ln_1(x), cache, layer, deterministic=deterministic)
         x = x + y  # (B, T, C)
@@ -191,30 +213,40 @@ class GPTModel(nnx.Module):
     `attn_impl`: "math" (explicit masked softmax), "xla" (`jax.nn.dot_product_attention`) or "cudnn"
     (its cuDNN flash attention; a GPU and bf16/fp16 `dtype` needed). `dtype` is the compute dtype,
     `param_dtype` the storage dtype; LayerNorm and softmax statistics are float32 whatever they are.
-    Matmul precision is JAX's default (`jax_default_matmul_precision`; TF32 on recent GPUs unless set to
-    "highest", as the tests do). All are runtime choices, never part of the config.
+    `scan_layers`: the blocks' arrays stacked on a leading layer axis and run by one `lax.scan` (one block
+    traced and compiled, whatever the depth) instead of a Python loop. `remat`: what the backward recomputes
+    ("none", "block", "dots": see REMAT). Matmul precision is JAX's default (`jax_default_matmul_precision`;
+    TF32 on recent GPUs unless set to "highest", as the tests do). All are runtime choices, never part of the
+    config: scanned and unrolled models read and write the same checkpoints.
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attn_impl: str = "xla"):
-        self.config, self.dtype = config, dtype
+                 attn_impl: str = "xla", scan_layers: bool = False, remat: str = "none"):
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {tuple(REMAT)}, got {remat!r}")
+        self.config, self.dtype, self.scan_layers, self.remat = config, dtype, scan_layers, remat
+        init_key = rngs.params()  # drawn first: the weights do not depend on how the blocks are built
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.wte = nnx.Embed(config.vocab_size, config.emb_dim, embedding_init=_DEFERRED, **kw)
         self.wpe = (nnx.Embed(config.context_length, config.emb_dim, embedding_init=_DEFERRED, **kw)
                     if config.pos_embedding == "learned" else SinusoidalPositions(config, dtype))
         self.drop = nnx.Dropout(config.drop_rate, rngs=rngs)
-        self.h = nnx.List(Block(config, attn_impl, **kw) for _ in range(config.n_layers))
+        block = functools.partial(Block, config, attn_impl, dtype=dtype, param_dtype=param_dtype)
+        if scan_layers:  # one Block, every array with a leading layer axis; each layer its own dropout keys
+            self.h = nnx.split_rngs(splits=config.n_layers)(nnx.vmap(lambda r: block(rngs=r)))(rngs)
+        else:
+            self.h = nnx.List(block(rngs=rngs) for _ in range(config.n_layers))
         self.ln_f = make_layer_norm(config, dtype, param_dtype, rngs)
         # Tied: the head is wte itself, so there is no lm_head to hold a copy.
         self.lm_head = (None if config.tie_embeddings else
                         nnx.Linear(config.emb_dim, config.vocab_size, use_bias=False, kernel_init=_DEFERRED, **kw))
         self.attn_impl = attn_impl
         if not _LOADING.get():
-            self.reset_parameters(rngs)
+            self.reset_parameters(init_key)
 
     @property
     def attn_impl(self) -> str:
-        return self.h[0].attn.attn_impl
+        return self._blocks()[0].attn.attn_impl
 
     @attn_impl.setter
     def attn_impl(self, impl: str) -> None:
@@ -222,22 +254,25 @@ class GPTModel(nnx.Module):
             raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {impl!r}")
         if impl == "cudnn" and jax.default_backend() != "gpu":
             raise ValueError(f"attn_impl='cudnn' needs a GPU; the default JAX backend is {jax.default_backend()}")
-        for block in self.h:
+        for block in self._blocks():
             block.attn.attn_impl = impl
 
-    def reset_parameters(self, rngs: nnx.Rngs) -> None:
-        """GPT-2 init: N(0, init_std) weights, zero biases, residual projections scaled by 1/sqrt(2·n_layers)."""
-        std = self.config.init_std
-        for name, p in _named_params(self).items():
-            if name.endswith("bias"):
-                value = jnp.zeros(p.shape)
-            elif ".ln_" in name or name.startswith("ln_f"):
-                value = jnp.ones(p.shape)
-            elif name.endswith("c_proj.weight"):
-                value = std / math.sqrt(2 * self.config.n_layers) * jax.random.normal(rngs.params(), p.shape)
-            else:
-                value = std * jax.random.normal(rngs.params(), p.shape)
-            p.set_value(value.astype(p.dtype))
+    def _blocks(self) -> list[Block]:
+        return [self.h] if self.scan_layers else list(self.h)
+
+    def reset_parameters(self, key: jax.Array) -> None:
+        """GPT-2 init by parameter name (gpt_core.params.init_rule), each tensor drawn from `key` folded with its
+        name's position, so a scanned model (each layer of a stack drawn apart) starts where an unrolled one does."""
+        order = {name: i for i, name in enumerate(expected_shapes(self.config))}
+        for path, p in nnx.to_flat_state(nnx.state(self, nnx.Param)):
+            names = convert.canonical_names(path, self.config.n_layers)
+            values = []
+            for name in names:
+                kind, value = init_rule(name, self.config)
+                shape = p.shape[1:] if convert.is_stacked(path) else p.shape
+                values.append(jnp.full(shape, value) if kind == "constant" else
+                              value * jax.random.normal(jax.random.fold_in(key, order[name]), shape))
+            p.set_value((jnp.stack(values) if convert.is_stacked(path) else values[0]).astype(p.dtype))
 
     def __call__(self, idx: jax.Array, *, deterministic: bool = True,
                  cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
@@ -247,8 +282,7 @@ class GPTModel(nnx.Module):
         start = 0 if cache is None else cache.pos
         pos = start + jnp.arange(T)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos), deterministic=deterministic)  # (B, T, C)
-        for i, block in enumerate(self.h):
-            x, cache = block(x, cache, i, deterministic=deterministic)  # (B, T, C)
+        x, cache = self._run_blocks(x, cache, deterministic)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
         if self.lm_head is None:  # tied: x @ wte.T as an einsum; Flax's wte.attend makes XLA:CPU copy wte.T per call
             logits = jnp.einsum("BTC,VC->BTV", x, self.wte.embedding[...].astype(self.dtype))  # (B, T, vocab_size)
@@ -258,9 +292,42 @@ class GPTModel(nnx.Module):
             return logits
         return logits, dataclasses.replace(cache, pos=cache.pos + T)
 
+    def _run_blocks(self, x: jax.Array, cache: KVCache | None, deterministic: bool) -> tuple[jax.Array, KVCache | None]:
+        """The blocks over x (B, T, C): a Python loop, or one `lax.scan` over the stack carrying (x, cache, layer).
+        Each block is a pure function of its state (weights, dropout RNG) here, so `jax.checkpoint` can wrap it."""
+        def apply(graphdef, state, x, cache, layer):
+            block = nnx.merge(graphdef, state)
+            x, cache = block(x, cache, layer, deterministic=deterministic)
+            return x, cache, nnx.state(block, nnx.Not(nnx.Param))  # dropout's RNG state, its counters advanced
+
+        if self.remat != "none" and cache is None:  # the layer index is traced in the scan, a Python int outside
+            apply = jax.checkpoint(apply, policy=REMAT[self.remat], static_argnums=(0,) if self.scan_layers else (0, 4),
+                                   prevent_cse=not self.scan_layers)  # a scan already keeps XLA from merging it away
+        # Without dropout nothing changes: no write-back, which also lets generation call this inside its loops.
+        update = (lambda module, state: None) if deterministic else nnx.update
+        if not self.scan_layers:
+            for i, block in enumerate(self.h):
+                graphdef, state = nnx.split(block)
+                x, cache, state = apply(graphdef, state, x, cache, i)
+                update(block, state)
+            return x, cache
+        graphdef, state = nnx.split(self.h)
+
+        def body(carry, layer_state):
+            x, cache, i = carry
+            x, cache, layer_state = apply(graphdef, layer_state, x, cache, i)
+            return (x, cache, i + 1), layer_state
+
+        (x, cache, _), state = lax.scan(body, (x, cache, jnp.int32(0)), state)
+        update(self.h, state)
+        return x, cache
+
     def _check_input(self, idx: jax.Array, cache: KVCache | None) -> tuple[int, int]:
         check_ids(idx, self.config.vocab_size)
         B, T = idx.shape
+        if cache is not None and cache.stacked != self.scan_layers:
+            raise ValueError(f"a {'scanned' if self.scan_layers else 'unrolled'} model needs a KVCache made with "
+                             f"stacked={self.scan_layers}")
         limit = self.config.context_length if cache is None else cache.max_len
         start = 0 if cache is None or isinstance(cache.pos, jax.core.Tracer) else int(cache.pos)
         if T == 0 or start + T > limit:
@@ -270,64 +337,35 @@ class GPTModel(nnx.Module):
 
     # ----------------------------------------------------------------------------- checkpoints
     def canonical_state(self) -> dict[str, np.ndarray]:
-        """The parameters under Hugging Face GPT-2 names and layouts, as float32 numpy arrays."""
-        return canonicalize(self.config, to_canonical(nnx.state(self, nnx.Param)), "model")  # in model order
+        """The parameters under Hugging Face GPT-2 names and layouts, as float32 numpy arrays (per layer, also
+        when scanned)."""
+        return canonicalize(self.config, convert.to_canonical(nnx.state(self, nnx.Param)), "model")  # model order
 
     def load_canonical_state(self, state: dict[str, np.ndarray], source: str = "state") -> None:
         """Copy a state in Hugging Face names/layouts into this model, checked by `canonicalize` first."""
         state = canonicalize(self.config, state, source)
-        own = _named_params(self)
-        if own.keys() != state.keys():  # only if this model and its config disagree
-            raise CheckpointError(f"{source}: the model's parameters {sorted(own.keys() ^ state.keys())} "
-                                  "have no match in the state, or the other way round")
-        for name, a in state.items():
-            a = a.T if name in TRANSPOSED else a
-            if a.shape != own[name].shape:
-                raise CheckpointError(f"{source}: {name} has shape {a.shape} in Flax layout, "
-                                      f"the model wants {own[name].shape}")
-            own[name].set_value(jnp.asarray(a, dtype=own[name].dtype))
+        try:
+            nnx.update(self, convert.from_canonical(nnx.state(self, nnx.Param), state))
+        except (KeyError, ValueError) as e:  # only if this model and its config disagree
+            raise CheckpointError(f"{source}: {e.args[0]}") from None
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_checkpoint(directory, self.config, self.canonical_state())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, rngs: nnx.Rngs | None = None, **runtime) -> GPTModel:
-        """Load our checkpoint or a `transformers` GPT-2 directory (safetensors only: no torch here).
-        `rngs` seeds dropout (default `nnx.Rngs(0)`); `runtime` goes to the constructor (dtype,
-        param_dtype, attn_impl)."""
-        config, state = load_checkpoint(directory)
+    def from_pretrained(cls, name_or_dir: str | Path, *, rngs: nnx.Rngs | None = None, **runtime) -> GPTModel:
+        """Load our checkpoint, a `transformers` GPT-2 directory (safetensors only: no torch here) or a Hugging
+        Face Hub repository id ("gpt2", "openai-community/gpt2-medium", through the local Hub cache). `rngs` seeds
+        dropout (default `nnx.Rngs(0)`); `runtime` goes to the constructor (dtype, param_dtype, attn_impl,
+        scan_layers, remat)."""
+        config, state = load_checkpoint(name_or_dir)
         loading = _LOADING.set(True)
         try:
             model = cls(config, rngs=nnx.Rngs(0) if rngs is None else rngs, **runtime)
         finally:
             _LOADING.reset(loading)
-        model.load_canonical_state(state, source=str(directory))  # every parameter, or CheckpointError
+        model.load_canonical_state(state, source=str(name_or_dir))  # every parameter, or CheckpointError
         return model
-
-
-# nnx leaf name -> Hugging Face leaf name; the module path (wte, h.0.attn.c_attn, ln_f, …) is the same.
-LEAF_NAMES = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
-# HF's lm_head is an nn.Linear, (vocab, emb); a Flax kernel is (in, out), as HF's Conv1D weights already are.
-TRANSPOSED = frozenset({"lm_head.weight"})
-
-
-def canonical_name(path: tuple) -> str:
-    """An nnx state path, e.g. ('h', 0, 'attn', 'c_attn', 'kernel') -> 'h.0.attn.c_attn.weight'."""
-    return ".".join([*map(str, path[:-1]), LEAF_NAMES[path[-1]]])
-
-
-def _named_params(model: nnx.Module) -> dict[str, nnx.Param]:
-    return {canonical_name(path): p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
-def to_canonical(params: nnx.State) -> dict[str, np.ndarray]:
-    """A state of Params (the model's, or gradients shaped like it) -> HF names and layouts, float32 numpy."""
-    state = {}
-    for path, p in nnx.to_flat_state(params):
-        name = canonical_name(path)
-        a = np.asarray(p[...] if isinstance(p, nnx.Variable) else p, dtype=np.float32)
-        state[name] = a.T if name in TRANSPOSED else a
-    return state
 
 
 def check_ids(idx: jax.Array, vocab_size: int) -> None:

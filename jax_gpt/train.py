@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     j = p.add_argument_group("jax only")
     j.add_argument("--attn-impl", default="xla", choices=["math", "xla", "cudnn"],
                    help="math: explicit softmax; xla: jax.nn.dot_product_attention; cudnn: its GPU flash path")
+    j.add_argument("--scan-layers", action="store_true",
+                   help="stack the blocks on a layer axis and run them with one lax.scan: compile time independent of "
+                        "depth (checkpoints are the same either way)")
     j.add_argument("--devices", type=int, default=None, help="use the first N devices (default: all)")
     j.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the data axis")
     j.add_argument("--distributed", action="store_true",
@@ -107,13 +110,17 @@ def make_mesh(n: int | None):
 
 
 def param_sharding(mesh, fsdp: bool):
-    """Replicated, or (FSDP) split along the first dimension where it divides evenly over the data axis."""
+    """Replicated, or (FSDP) split along the first dimension where it divides evenly over the data axis; a
+    scanned model's stacked arrays along their first dimension after the layer axis."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    def spec(x):
-        if fsdp and x.ndim >= 1 and x.shape[0] % mesh.size == 0:
-            return NamedSharding(mesh, P("data"))
+    from jax_gpt.convert import is_stacked
+
+    def spec(path, x):
+        axis = 1 if is_stacked(path) else 0
+        if fsdp and x.ndim > axis and x.shape[axis] % mesh.size == 0:
+            return NamedSharding(mesh, P(*[None] * axis, "data"))
         return NamedSharding(mesh, P())
 
     return spec
@@ -147,50 +154,44 @@ def _walk(tree):
 
 
 def canonical_tree(tree) -> dict[str, np.ndarray]:
-    """A Param-shaped tree (parameters, gradients or Adam moments) -> canonical names and layouts."""
+    """A Param-shaped tree (parameters, gradients or Adam moments) -> canonical names and layouts, gathered from
+    every process."""
     import jax
     from jax.experimental import multihost_utils
 
-    from jax_gpt.model import TRANSPOSED, canonical_name
+    from jax_gpt import convert
 
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        name = canonical_name(tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey)))
-        if jax.process_count() > 1:
-            leaf = multihost_utils.process_allgather(leaf, tiled=True)
-        a = np.asarray(leaf, np.float32)
-        out[name] = a.T if name in TRANSPOSED else a
-    return out
+    def gather(leaf):
+        return multihost_utils.process_allgather(leaf, tiled=True) if jax.process_count() > 1 else leaf
+
+    return convert.to_canonical(tree, gather)
 
 
 def from_canonical(tree, canonical: dict[str, np.ndarray]):
     """The inverse of `canonical_tree`, filling a Param-shaped `tree` (keeping its dtypes and shardings)."""
     import jax
 
-    from jax_gpt.model import TRANSPOSED, canonical_name
+    from jax_gpt import convert
 
-    def fill(path, leaf):
-        name = canonical_name(tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey)))
-        a = canonical[name]
-        return jax.device_put(np.asarray(a.T if name in TRANSPOSED else a, leaf.dtype), leaf.sharding)
-
-    return jax.tree_util.tree_map_with_path(fill, tree)
+    return convert.from_canonical(tree, canonical, lambda a, leaf: jax.device_put(np.asarray(a, leaf.dtype),
+                                                                                  leaf.sharding))
 
 
 def to_mesh(tree, sharding_of):
-    """Place every leaf (the same value on every process) on the mesh. Going through host memory makes
-    this work across processes too, where `device_put` refuses arrays already committed to a local device."""
+    """Place every leaf (the same value on every process) on the mesh, `sharding_of(path, leaf)` saying how.
+    Going through host memory makes this work across processes too, where `device_put` refuses arrays already
+    committed to a local device."""
     import jax
 
-    def put(x):
+    def put(path, x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already on the mesh (optimizer state)
-            return jax.device_put(x, sharding_of(x))
+            return jax.device_put(x, sharding_of(path, x))
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding_of(x))
+            data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding_of(path, x))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-        return jax.device_put(np.asarray(x), sharding_of(x))
+        return jax.device_put(np.asarray(x), sharding_of(path, x))
 
-    return jax.tree.map(put, tree)
+    return jax.tree_util.tree_map_with_path(put, tree)
 
 
 def rng_leaves(rest) -> list:
@@ -199,6 +200,16 @@ def rng_leaves(rest) -> list:
 
     return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x).tolist()
             for x in jax.tree.leaves(rest)]
+
+
+def rng_matches(rest, saved: list) -> bool:
+    """True if `saved` (from `rng_leaves`) has the leaves of `rest`: not so across --scan-layers, whose dropout
+    keys are laid out per layer or stacked."""
+    import jax
+
+    leaves = jax.tree.leaves(rest)
+    return len(leaves) == len(saved) and all(np.shape(s) == np.shape(jax.random.key_data(x) if jax.dtypes.issubdtype(
+        x.dtype, jax.dtypes.prng_key) else x) for x, s in zip(leaves, saved, strict=True))
 
 
 def set_rng_leaves(rest, saved: list):
@@ -231,7 +242,8 @@ class JaxBackend:
 
         self.config, self.mesh, self.is_lead = config, mesh, jax.process_index() == 0
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-        runtime = dict(dtype=dtype, param_dtype=jnp.float32, attn_impl=args.attn_impl)
+        runtime = dict(dtype=dtype, param_dtype=jnp.float32, attn_impl=args.attn_impl, scan_layers=args.scan_layers,
+                       remat=args.remat)
         if args.init_from is not None and resume is None:
             model = jax_gpt.GPTModel.from_pretrained(args.init_from, rngs=nnx.Rngs(args.seed), **runtime)
         else:
@@ -243,7 +255,7 @@ class JaxBackend:
         self.params = to_mesh(params, self.spec)
         self.opt_state = to_mesh(tx.init(self.params), self.spec)
         self.replicated = NamedSharding(mesh, P())
-        self.rest = to_mesh(self.rest, lambda x: self.replicated)  # dropout RNG state
+        self.rest = to_mesh(self.rest, lambda path, x: self.replicated)  # dropout RNG state
         self.accum = accum = args.grad_accum
         self.batch_sharding = NamedSharding(mesh, P(None, "data", None))  # (accum, micro, T): micro-batches split
         graphdef = self.graphdef
@@ -319,10 +331,11 @@ class JaxBackend:
                                  nu=from_canonical(adam.nu, ckpt.moments("exp_avg_sq")))
         self.opt_state = jax.tree.map(lambda s: new_adam if s is adam else s, self.opt_state,
                                       is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-        if "jax" in ckpt.rng:
-            self.rest = to_mesh(set_rng_leaves(self.rest, ckpt.rng["jax"]), lambda x: self.replicated)
+        if "jax" in ckpt.rng and rng_matches(self.rest, ckpt.rng["jax"]):
+            self.rest = to_mesh(set_rng_leaves(self.rest, ckpt.rng["jax"]), lambda path, x: self.replicated)
         elif self.config.drop_rate > 0 and self.is_lead:
-            print("note: the checkpoint has no JAX RNG state (a torch run?): dropout masks start afresh")
+            why = "is laid out for the other --scan-layers" if "jax" in ckpt.rng else "is missing (a torch run?)"
+            print(f"note: the checkpoint's JAX RNG state {why}: dropout masks start afresh")
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> StepResult:
         import jax.numpy as jnp

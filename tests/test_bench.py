@@ -84,3 +84,37 @@ def test_compile_report_for_one_kernel(tmp_path):
     assert rows and {r["name"] for r in rows} == {"ln_fwd"} and {r["impl"] for r in rows} == {"sm_80"}
     assert all(r["status"] == "PASS" and r["spill_bytes"] == 0 and r["registers"] > 0 for r in rows)
     assert main(["compile", "--kernel", "no_such_kernel", "--arch", "80", "--quick"]) == 2
+
+
+@pytest.mark.slow
+def test_depth_and_memory_studies(config_file, tmp_path):
+    out = tmp_path / "depth.json"
+    assert main(["speed", "--config", config_file, "--batch", "1", "--seq-len", "16", "--repeats", "1",
+                 "--study", "depth", "--layers", "2", "--layers", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["impl"], r["shape"]) for r in rows] == [(f"jax/xla {layout}", f"L={n} B=1 T=16") for n in (2, 3)
+                                                       for layout in ("unrolled", "scanned")]
+    assert all(r["compile_s"] > 0 and r["ms"] > 0 and r["hlo_lines"] > 0 for r in rows)
+    assert [r["compile_vs_min"] for r in rows[:2]] == [1.0, 1.0]
+    scanned = [r["hlo_lines"] for r in rows if "scanned" in r["impl"]]
+    unrolled = [r["hlo_lines"] for r in rows if "unrolled" in r["impl"]]
+    assert unrolled[1] > unrolled[0] and scanned[1] == scanned[0]  # a scan compiles one block, whatever the depth
+    out = tmp_path / "memory.json"
+    assert main(["speed", "--config", config_file, "--batch", "2", "--seq-len", "16", "--repeats", "1",
+                 "--study", "memory", "--remat", "none", "--remat", "block", "--json", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {f"{side} remat={r}" for r in ("none", "block")
+                         for side in ("torch/sdpa", "jax/xla unrolled", "jax/xla scanned")}
+    assert rows["torch/sdpa remat=block"]["held_mb"] < rows["torch/sdpa remat=none"]["held_mb"]
+    for layout in ("unrolled", "scanned"):
+        none, block = rows[f"jax/xla {layout} remat=none"], rows[f"jax/xla {layout} remat=block"]
+        assert block["residual_mb"] < none["residual_mb"] and none["temp_mb"] > 0
+
+
+def test_speed_runs_a_scanned_jax_model(config_file, tmp_path):
+    out = tmp_path / "scan.json"
+    assert main(["speed", "--config", config_file, "--batch", "1", "--seq-len", "16", "--repeats", "1",
+                 "--impl", "jax/xla+scan", "--phase", "train step", "--phase", "decode", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["impl"], r["name"]) for r in rows} == {("jax/xla+scan", "train step"), ("jax/xla+scan", "decode")}
+    assert main(["speed", "--config", config_file, "--impl", "torch/sdpa+scan"]) == 2

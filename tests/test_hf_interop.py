@@ -8,21 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from gpt_core import CheckpointError, GPTConfig, load_checkpoint  # noqa: E402
-from tests.helpers import assert_rel_close  # noqa: E402
+from tests.helpers import assert_rel_close, off_init_, small_hf_model  # noqa: E402
 from torch_gpt import GPTModel  # noqa: E402
-
-
-def small_hf_model(tie: bool = True, act: str = "gelu_new") -> "transformers.GPT2LMHeadModel":
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=203, n_positions=40, n_embd=48, n_layer=2, n_head=4,
-                                  activation_function=act, tie_word_embeddings=tie,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # HF initialises biases and LayerNorms to constants: randomise them too
-        for name, p in model.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
 
 
 @pytest.mark.parametrize("tie, act", [(True, "gelu_new"), (False, "gelu")])
@@ -60,7 +47,7 @@ def test_pickled_code_in_bin_is_refused(tmp_path):
             return (print, ("pwned",))
 
     torch.save({"wte.weight": Evil()}, d / "pytorch_model.bin")
-    with pytest.raises(Exception, match="[Ww]eights only"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin holds pickled code .*GLOBAL print"):
         GPTModel.from_pretrained(d)
 
 
@@ -72,10 +59,7 @@ def test_our_checkpoint_loads_into_transformers(tmp_path, tie, qkv_bias):
     cfg = GPTConfig(vocab_size=203, context_length=40, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0,
                     qkv_bias=qkv_bias, tie_embeddings=tie)
     model = GPTModel(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ln_" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
+    off_init_(model, seed=2)
     model.save_pretrained(tmp_path / "ours")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "ours").eval()
     idx = torch.randint(0, 203, (2, 40))

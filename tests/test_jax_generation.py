@@ -15,20 +15,15 @@ from flax import nnx
 from gpt_core.config import GPTConfig
 from jax_gpt import GPTModel, generate
 from jax_gpt.generation import sample_next
+from tests.helpers import CTX, VOCAB, random_ids, tiny
 
-VOCAB, CTX = 257, 64
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
 
 @pytest.fixture(scope="module")
 def model() -> GPTModel:
-    config = GPTConfig(vocab_size=VOCAB, context_length=CTX, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.1,
-                       init_std=0.1)  # drop_rate > 0: generation must still run without dropout
-    return GPTModel(config, rngs=nnx.Rngs(0))
-
-
-def random_ids(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, size=shape, dtype=np.int32)
+    # drop_rate > 0: generation must still run without dropout
+    return GPTModel(tiny(drop_rate=0.1, init_std=0.1), rngs=nnx.Rngs(0))
 
 
 class CompileCounter:
@@ -70,6 +65,17 @@ def test_greedy_with_and_without_cache_agree(model, prompt_len):
     cached = generate(model, prompt, 12)
     np.testing.assert_array_equal(cached[:, :prompt_len], prompt)
     np.testing.assert_array_equal(cached, generate(model, prompt, 12, use_cache=False))
+
+
+def test_scanned_model_generates_the_same(model):
+    """Stacked weights and a stacked KV cache, past the context too (the cache refills inside the loop)."""
+    scanned = GPTModel(model.config, rngs=nnx.Rngs(0), scan_layers=True)
+    scanned.load_canonical_state(model.canonical_state())
+    prompt = random_ids((2, 10), seed=3)
+    with CompileCounter("_generate") as compiles:
+        out = generate(scanned, prompt, CTX)
+    assert compiles.count == 1
+    np.testing.assert_array_equal(out, generate(model, prompt, CTX))
 
 
 def test_sampling_is_reproducible_and_narrow_filters_give_greedy(model):
@@ -117,7 +123,7 @@ def test_bad_arguments(model):
     np.testing.assert_array_equal(generate(model, prompt, 0), prompt)
 
 
-def test_cli(tmp_path, capsys, monkeypatch):
+def test_cli(tmp_path, capsys, monkeypatch):  # in this process: runpy, as `python -m` runs it
     config = GPTConfig(vocab_size=50257, context_length=32, emb_dim=32, n_heads=2, n_layers=1, qkv_bias=True,
                        tie_embeddings=True)  # GPT-2's tokenizer needs its vocabulary
     GPTModel(config, rngs=nnx.Rngs(0)).save_pretrained(tmp_path)

@@ -1,5 +1,6 @@
-"""jax_gpt.GPTModel on its own: size, init, attention impls, the KV cache, dtypes, dropout, input and
-checkpoint errors. Parity with Hugging Face and torch_gpt is in test_jax_parity.py."""
+"""jax_gpt.GPTModel on its own: size, attention impls, the KV cache, dtypes, dropout, scan over layers,
+rematerialisation, input and checkpoint errors. Parity with Hugging Face and torch_gpt is in test_jax_parity.py;
+the init and the sinusoidal table, shared with torch_gpt, in test_shared_rules.py."""
 
 from __future__ import annotations
 
@@ -15,24 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_rel_close
 from safetensors.numpy import load_file, save_file
 
-from gpt_core.checkpoint import CheckpointError
+from gpt_core.checkpoint import CheckpointError, expected_shapes
 from gpt_core.config import GPTConfig
-from jax_gpt import GPTModel, KVCache, cross_entropy_loss
-
-VOCAB, CTX = 257, 64
-
-
-def tiny(**overrides) -> GPTConfig:
-    base = dict(vocab_size=VOCAB, context_length=CTX, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.0)
-    return GPTConfig(**(base | overrides))
-
-
-def random_ids(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, size=shape, dtype=np.int32)
-
+from jax_gpt import GPTModel, KVCache, convert, cross_entropy_loss
+from tests.helpers import CTX, VOCAB, assert_rel_close, random_ids, tiny
 
 # Jitted calls compile one program per model variant; eager ones compile every op once per shape, slower on CPU.
 forward = nnx.jit(lambda model, idx: model(idx))
@@ -53,27 +42,6 @@ def test_parameter_count_matches_the_anchors(config, expected):
     assert n == config.n_params == expected
 
 
-def test_sinusoidal_table_is_a_buffer_not_a_parameter():
-    model = GPTModel(tiny(pos_embedding="sinusoidal"), rngs=nnx.Rngs(0))
-    assert "wpe.weight" not in model.canonical_state()
-    table = np.asarray(model.wpe.table[...])
-    np.testing.assert_allclose(table[5, 0:4], [math.sin(5), math.cos(5), math.sin(5 * 10000 ** (-2 / 48)),
-                                               math.cos(5 * 10000 ** (-2 / 48))], rtol=1e-6)
-
-
-def test_gpt2_init():
-    config = tiny(init_std=0.02)
-    state = GPTModel(config, rngs=nnx.Rngs(0)).canonical_state()
-    for name, a in state.items():
-        if name.endswith("bias"):
-            assert not a.any(), name
-        elif ".ln_" in name or name.startswith("ln_f"):
-            assert (a == 1).all(), name
-        else:
-            std = 0.02 / math.sqrt(2 * 2) if name.endswith("c_proj.weight") else 0.02
-            assert abs(a.std() / std - 1) < 0.1 and abs(a.mean()) < 0.1 * std, name
-
-
 def with_impl(model: GPTModel, impl: str) -> GPTModel:
     twin = nnx.clone(model)  # the fixture stays as it is
     twin.attn_impl = impl
@@ -85,18 +53,88 @@ def test_attention_impls_agree(model):
     assert_rel_close(forward(model, idx), forward(with_impl(model, "math"), idx), 1e-6, "xla vs math")
 
 
-@pytest.mark.parametrize("impl", ["math", "xla"])
-def test_cached_chunks_match_one_full_forward(model, impl):
-    model = with_impl(model, impl)
+@pytest.mark.parametrize("impl, scan", [("math", False), ("xla", False), ("xla", True)],
+                         ids=["math", "xla", "xla-scanned"])
+def test_cached_chunks_match_one_full_forward(model, impl, scan):
+    model = with_impl(scanned(model) if scan else model, impl)
     idx = random_ids((2, CTX), seed=2)
     expected = forward(model, idx)
-    cache = KVCache.create(model.config, 2, CTX)
+    cache = KVCache.create(model.config, 2, CTX, stacked=scan)
     chunks = []
     for a, b in [(0, 24), (24, 25), (25, CTX)]:  # a prefill, one token, then a chunk at an offset
         logits, cache = forward_cached(model, idx[:, a:b], cache)
         chunks.append(logits)
     assert int(cache.pos) == CTX
     assert_rel_close(jnp.concatenate(chunks, axis=1), expected, 1e-6, f"cached chunks ({impl})")
+
+
+def scanned(model: GPTModel, **runtime) -> GPTModel:
+    """The same weights in a scanned model (loaded through the canonical state: per-layer names, stacked)."""
+    twin = GPTModel(model.config, rngs=nnx.Rngs(0), scan_layers=True, **runtime)
+    twin.load_canonical_state(model.canonical_state())
+    return twin
+
+
+def test_scanned_and_unrolled_compute_the_same(model):
+    """Stacked weights, one lax.scan: the same logits (1e-6, float32) and every gradient, per canonical name."""
+    twin = scanned(model)
+    assert twin.h.attn.c_attn.kernel.shape == (2, 48, 144) and twin.scan_layers and not model.scan_layers
+    idx, targets = random_ids((2, CTX), seed=11), random_ids((2, CTX), seed=12)
+    assert_rel_close(forward(twin, idx), forward(model, idx), 1e-6, "scanned vs unrolled logits")
+    grad = nnx.jit(nnx.grad(lambda m, x, y: cross_entropy_loss(m(x), y)))
+    expected, actual = convert.to_canonical(grad(model, idx, targets)), convert.to_canonical(grad(twin, idx, targets))
+    assert actual.keys() == expected.keys() == expected_shapes(model.config).keys()
+    for name in expected:
+        assert_rel_close(actual[name], expected[name], 1e-6, f"grad {name}")
+
+
+def test_scanned_checkpoints_are_per_layer_and_interchangeable(model, tmp_path):
+    twin = scanned(model)
+    twin.save_pretrained(tmp_path / "scanned")
+    model.save_pretrained(tmp_path / "unrolled")
+    a, b = load_file(tmp_path / "scanned" / "model.safetensors"), load_file(tmp_path / "unrolled" / "model.safetensors")
+    assert a.keys() == b.keys() and "h.1.attn.c_attn.weight" in a  # unstacked on save
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    back = GPTModel.from_pretrained(tmp_path / "unrolled", scan_layers=True)  # stacked on load
+    idx = random_ids((2, CTX), seed=13)
+    assert_rel_close(forward(back, idx), forward(model, idx), 1e-6, "unrolled checkpoint in a scanned model")
+
+
+def residual_bytes(model: GPTModel, idx: np.ndarray, targets: np.ndarray) -> int:
+    """Bytes the forward keeps for the backward (the VJP's residuals, the weights themselves left out)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    found = {}
+
+    def trace(params):
+        _, vjp = jax.vjp(lambda p: cross_entropy_loss(nnx.merge(graphdef, p, rest)(idx), targets), params)
+        weights = {id(x) for x in jax.tree.leaves(params)}
+        found["bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp) if id(x) not in weights)
+        return jnp.zeros(())
+
+    jax.eval_shape(trace, params)
+    return found["bytes"]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_remat_keeps_loss_and_gradients_and_saves_less(scan):
+    """Dropout on: the recomputed blocks draw the same masks (the keys are values), so loss and gradients match."""
+    config = tiny(drop_rate=0.1, init_std=0.2)  # logits far from uniform: dropout moves the loss visibly
+    idx, targets = random_ids((2, 16), seed=14), random_ids((2, 16), seed=15)
+    loss_and_grad = nnx.jit(nnx.value_and_grad(lambda m, x, y: cross_entropy_loss(m(x, deterministic=False), y)))
+    runs, saved = {}, {}
+    for remat in ("none", "block", "dots"):
+        m = GPTModel(config, rngs=nnx.Rngs(0), scan_layers=scan, remat=remat)  # the same weights and dropout keys
+        loss, grads = loss_and_grad(m, idx, targets)
+        runs[remat] = float(loss), convert.to_canonical(grads)
+        saved[remat] = residual_bytes(m, idx, targets)
+        if remat == "none":  # dropout was on: the next call draws other masks
+            assert abs(float(loss_and_grad(m, idx, targets)[0]) - runs[remat][0]) > 1e-3
+    for remat in ("block", "dots"):
+        assert_rel_close(runs[remat][0], runs["none"][0], 1e-6, f"{remat} loss")
+        for name, g in runs["none"][1].items():
+            assert_rel_close(runs[remat][1][name], g, 1e-6, f"{remat} grad {name}")
+    # block keeps each block's input only; dots adds the linear layers' matmul outputs.
+    assert saved["block"] < saved["dots"] < saved["none"], saved
 
 
 def test_bf16_compute_keeps_float32_statistics(model):
@@ -153,9 +191,13 @@ def test_cache_overflow_raises(model):
         KVCache.create(model.config, 1, CTX + 1)
 
 
-def test_bad_runtime_arguments():
+def test_bad_runtime_arguments(model):
     with pytest.raises(ValueError, match="attn_impl must be one of"):
         GPTModel(tiny(), rngs=nnx.Rngs(0), attn_impl="sdpa")
+    with pytest.raises(ValueError, match="remat must be one of"):
+        GPTModel(tiny(), rngs=nnx.Rngs(0), remat="all")
+    with pytest.raises(ValueError, match="needs a KVCache made with stacked=True"):
+        scanned(model)(jnp.zeros((1, 3), jnp.int32), cache=KVCache.create(model.config, 1, 8))
     if jax.default_backend() != "gpu":
         with pytest.raises(ValueError, match="needs a GPU"):
             GPTModel(tiny(), rngs=nnx.Rngs(0), attn_impl="cudnn")

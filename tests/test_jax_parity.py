@@ -7,41 +7,14 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from helpers import assert_rel_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import jax_gpt
 import torch_gpt
-from gpt_core.checkpoint import CONV1D_WEIGHTS
-from gpt_core.config import GPTConfig
-from jax_gpt.model import cross_entropy_loss, to_canonical
-
-VOCAB, CTX = 257, 64
-
-
-def tiny(**overrides) -> GPTConfig:
-    base = dict(vocab_size=VOCAB, context_length=CTX, emb_dim=48, n_heads=4, n_layers=2, drop_rate=0.1)
-    return GPTConfig(**(base | overrides))
-
-
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter away from its init (LayerNorm scales near 1, biases nonzero), so a mapping that
-    swaps or drops one cannot hide behind ones and zeros."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g) * 0.1
-        p.copy_(1.0 + noise if ("ln_" in name and name.endswith("weight")) else noise)
-
-
-def torch_grads(model: torch_gpt.GPTModel) -> dict[str, np.ndarray]:
-    """Gradients under canonical names and layouts (a tied head is counted once, under wte)."""
-    return {name: (p.grad.T if CONV1D_WEIGHTS.fullmatch(name) else p.grad).numpy()
-            for name, p in model.named_parameters()}
-
-
-def random_ids(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, size=shape, dtype=np.int64)
+from jax_gpt import convert
+from jax_gpt.model import cross_entropy_loss
+from tests.helpers import CTX, VOCAB, assert_rel_close, off_init_, random_ids, tiny
+from torch_gpt.convert import canonical_grads
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -50,9 +23,9 @@ def test_hf_checkpoint_logits_match_hf(tmp_path, tie):
                            tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(hf_config).eval()
-    randomize_(hf, seed=1)
+    off_init_(hf, seed=1)
     hf.save_pretrained(tmp_path)
-    ids = random_ids((2, CTX), seed=2)
+    ids = random_ids((2, CTX), seed=2, dtype=np.int64)
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits
 
@@ -63,10 +36,10 @@ def test_hf_checkpoint_logits_match_hf(tmp_path, tie):
 
 
 def test_saved_checkpoint_loads_in_transformers(tmp_path):
-    model = jax_gpt.GPTModel(tiny(tie_embeddings=False, qkv_bias=True), rngs=nnx.Rngs(3))
+    model = jax_gpt.GPTModel(tiny(tie_embeddings=False, qkv_bias=True, drop_rate=0.1), rngs=nnx.Rngs(3))
     model.save_pretrained(tmp_path)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    ids = random_ids((2, CTX), seed=4)
+    ids = random_ids((2, CTX), seed=4, dtype=np.int64)
     with torch.no_grad():
         expected = hf(torch.from_numpy(ids)).logits
     assert_rel_close(model(ids), expected, 1e-5, "jax_gpt logits vs HF loading its checkpoint")
@@ -76,12 +49,12 @@ def test_saved_checkpoint_loads_in_transformers(tmp_path):
 @pytest.mark.parametrize("qkv_bias", [True, False], ids=["qkv_bias", "no_qkv_bias"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_logits_loss_and_every_gradient_match_torch(tmp_path, tie, qkv_bias, pos):
-    config = tiny(tie_embeddings=tie, qkv_bias=qkv_bias, pos_embedding=pos)
+    config = tiny(tie_embeddings=tie, qkv_bias=qkv_bias, pos_embedding=pos, drop_rate=0.1)
     torch.manual_seed(0)
     reference = torch_gpt.GPTModel(config, attn_impl="math").eval()  # eval: dropout off on both sides
-    randomize_(reference, seed=5)
+    off_init_(reference, seed=5)
     reference.save_pretrained(tmp_path)
-    ids, targets = random_ids((2, CTX), seed=6), random_ids((2, CTX), seed=7)
+    ids, targets = random_ids((2, CTX), seed=6, dtype=np.int64), random_ids((2, CTX), seed=7, dtype=np.int64)
     t_logits = reference(torch.from_numpy(ids))
     t_loss = torch_gpt.cross_entropy_loss(t_logits, torch.from_numpy(targets))
     t_loss.backward()
@@ -93,7 +66,7 @@ def test_logits_loss_and_every_gradient_match_torch(tmp_path, tie, qkv_bias, pos
     loss, grads = nnx.value_and_grad(lambda m: cross_entropy_loss(m(ids), targets))(model)
     loss_err = assert_rel_close(loss, t_loss, 1e-6, "loss")
 
-    expected, actual = torch_grads(reference), to_canonical(grads)
+    expected, actual = canonical_grads(reference), convert.to_canonical(grads)
     assert actual.keys() == expected.keys()
     worst = max(assert_rel_close(actual[k], expected[k], 1e-4, f"grad {k}") for k in expected)
     print(f"tie={tie} qkv_bias={qkv_bias} {pos} ({model.attn_impl}): logits {logit_err:.2e}, loss {loss_err:.2e}, "
@@ -104,25 +77,28 @@ def test_logits_loss_and_every_gradient_match_torch(tmp_path, tie, qkv_bias, pos
 def twins(tmp_path_factory) -> tuple[torch_gpt.GPTModel, jax_gpt.GPTModel]:
     directory = tmp_path_factory.mktemp("twins")
     torch.manual_seed(0)
-    reference = torch_gpt.GPTModel(tiny(), attn_impl="sdpa").eval()
-    randomize_(reference, seed=8)
+    reference = torch_gpt.GPTModel(tiny(drop_rate=0.1), attn_impl="sdpa").eval()
+    off_init_(reference, seed=8)
     reference.save_pretrained(directory)
     return reference, jax_gpt.GPTModel.from_pretrained(directory)
 
 
 def test_greedy_generation_matches_torch_past_the_context(twins):
     reference, model = twins
-    prompt = random_ids((2, 40), seed=9)  # 40 + 32 > CTX: the cache fills and is prefilled again
+    prompt = random_ids((2, 40), seed=9, dtype=np.int64)  # 40 + 32 > CTX: the cache fills and is prefilled again
     expected = torch_gpt.generate(reference, torch.from_numpy(prompt), 32).numpy()
     cached = np.asarray(jax_gpt.generate(model, prompt, 32))
     uncached = np.asarray(jax_gpt.generate(model, prompt, 32, use_cache=False))
     np.testing.assert_array_equal(cached, expected)
     np.testing.assert_array_equal(uncached, expected)
+    scanned = jax_gpt.GPTModel(model.config, rngs=nnx.Rngs(0), scan_layers=True)  # stacked KV cache, one scan
+    scanned.load_canonical_state(model.canonical_state())
+    np.testing.assert_array_equal(np.asarray(jax_gpt.generate(scanned, prompt, 32)), expected)
 
 
 def test_eos_padding_and_early_stop_match_torch(twins):
     reference, model = twins
-    prompt = random_ids((2, 12), seed=10)
+    prompt = random_ids((2, 12), seed=10, dtype=np.int64)
     free = torch_gpt.generate(reference, torch.from_numpy(prompt), 20).numpy()
     eos = int(free[0, 12 + 3])  # row 0 stops by its 4th new token; row 1 may run on
     expected = torch_gpt.generate(reference, torch.from_numpy(prompt), 20, eos_id=eos).numpy()

@@ -60,6 +60,18 @@ def test_jax_resume_is_exact(setup):
     assert max_rel(losses(d / "full")[0], losses(d / "split")[0]) <= 1e-6
 
 
+def test_scan_layers_and_remat_train_the_same_and_resume_unrolled(setup):
+    """A scanned, rematerialised run stopped at step 2 and resumed unrolled: the losses of the plain run (the
+    checkpoint is per layer whichever way the model ran)."""
+    d, args = setup
+    args = args + ["--steps", "6"]
+    if not (d / "full").exists():
+        jax_main(args + ["--out", str(d / "full")])
+    assert jax_main(args + ["--out", str(d / "scanned"), "--scan-layers", "--remat", "dots", "--stop-after", "2"]) == 0
+    assert jax_main(args + ["--out", str(d / "scanned"), "--resume"]) == 0
+    assert max_rel(losses(d / "full")[0], losses(d / "scanned")[0]) <= 1e-5
+
+
 def test_jax_resumes_a_torch_checkpoint_format(setup):
     """Training checkpoints are one format: the JAX trainer continues a torch run's step-3 checkpoint."""
     d, args = setup

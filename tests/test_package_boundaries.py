@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.parametrize("modules, forbidden", [
     ("gpt_core, gpt_core.training, gpt_core.batches, gpt_core.shards, gpt_core.prepare, gpt_core.generation, "
-     "gpt_core.tokenizer", ["torch", "jax", "flax", "datasets"]),
+     "gpt_core.tokenizer, gpt_core.params, gpt_core.checkpoint", ["torch", "jax", "flax", "datasets"]),
     ("kernels, kernels.patch, kernels.compile_report", ["torch_gpt", "jax_gpt", "bench", "jax", "transformers"]),
 ])
 def test_imports_stay_inside_their_boundary(modules, forbidden):

@@ -95,9 +95,10 @@ def test_cli_prints_a_continuation(tmp_path):
     assert helped.returncode == 0 and "--temperature" in helped.stdout
 
 
-def test_importing_the_cli_module_keeps_generate_callable():
-    # `import torch_gpt.generate` binds the CLI module to `torch_gpt.generate`, where the function was.
-    code = ("import torch, torch_gpt, torch_gpt.generate, jax_gpt, jax_gpt.generate\n"
+def test_the_function_and_the_cli_share_the_name():
+    """`torch_gpt.generate` stays the function whatever is imported (the CLI is the package's __main__), and
+    `python -m` runs the CLIs without runpy's warning about a module imported before it ran."""
+    code = ("import torch, torch_gpt, torch_gpt.generate, jax_gpt, jax_gpt.generate, torch_gpt.generate.__main__\n"
             "from flax import nnx\n"
             "from gpt_core import GPTConfig\n"
             "cfg = GPTConfig.from_preset('tiny')\n"
@@ -107,3 +108,7 @@ def test_importing_the_cli_module_keeps_generate_callable():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "(1, 5) (1, 5)"
+    for package in ("torch_gpt", "jax_gpt"):
+        helped = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", f"{package}.generate", "--help"],
+                                capture_output=True, text=True, timeout=120)
+        assert helped.returncode == 0 and "--init-from" in helped.stdout, helped.stderr[-2000:]

@@ -1,7 +1,11 @@
+"""torch_gpt.GPTModel on its own: size, attention impls, the KV cache, dropout, rematerialisation, errors,
+checkpoints. The init and the sinusoidal table, shared with jax_gpt, are in test_shared_rules.py."""
+
 import math
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from gpt_core import GPTConfig
 from tests.helpers import assert_rel_close
@@ -23,19 +27,6 @@ def test_seed_and_gpt2_parameter_counts_on_meta():
     with torch.device("meta"):
         assert sum(p.numel() for p in GPTModel(seed).parameters()) == 163_009_536
         assert sum(p.numel() for p in GPTModel(GPTConfig.from_preset("gpt2")).parameters()) == 124_439_808
-
-
-def test_gpt2_init():
-    torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=512, context_length=64, emb_dim=128, n_heads=4, n_layers=8, qkv_bias=True)
-    m = GPTModel(cfg)
-    assert abs(m.wte.weight.std().item() - 0.02) < 2e-3
-    assert abs(m.h[0].mlp.c_fc.weight.std().item() - 0.02) < 2e-3
-    resid = 0.02 / math.sqrt(2 * 8)
-    assert abs(m.h[3].attn.c_proj.weight.std().item() - resid) < 1e-3
-    assert abs(m.h[3].mlp.c_proj.weight.std().item() - resid) < 1e-3
-    assert (m.h[0].attn.c_attn.bias == 0).all() and (m.h[0].ln_1.weight == 1).all()
-    assert m.h[0].ln_1.eps == 1e-5 and m.h[0].mlp.gelu.approximate == "tanh"
 
 
 def test_tied_head_shares_storage():
@@ -60,15 +51,6 @@ def test_math_and_sdpa_agree(pos_embedding):
     assert_rel_close(logits_sdpa, logits_math, 1e-5, "logits")
     for n, p in m.named_parameters():
         assert_rel_close(p.grad, grads_math[n], 1e-4, n)
-
-
-def test_sinusoidal_table():
-    m = GPTModel(GPTConfig(**{**SMALL.to_dict(), "pos_embedding": "sinusoidal"}))
-    table = m.wpe.table
-    assert table.shape == (48, 32)
-    assert torch.allclose(table[0, 0::2], torch.zeros(16)) and torch.allclose(table[0, 1::2], torch.ones(16))
-    assert torch.allclose(table[5, 2], torch.tensor(math.sin(5 / 10000 ** (2 / 32))))
-    assert "wpe.table" not in m.state_dict()
 
 
 @pytest.mark.parametrize("impl", ["math", "sdpa"])
@@ -125,6 +107,41 @@ def test_dropout_is_active_only_in_training():
     assert not torch.equal(m(idx), m(idx))
     m.eval()
     assert torch.equal(m(idx), m(idx))
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+def test_remat_keeps_loss_and_gradients_and_recomputes_what_it_says(impl):
+    """Dropout on: torch.utils.checkpoint replays the RNG, so the recomputed blocks draw the same masks. What the
+    backward recomputes shows in its FLOPs: "block" every op of every block again, "dots" all but the linear
+    layers' matmuls (2·B·T·12·C² FLOPs per block: c_attn 3C², c_proj C², c_fc and mlp.c_proj 4C² each)."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**{**SMALL.to_dict(), "drop_rate": 0.1, "n_layers": 3})
+    m = GPTModel(cfg, attn_impl=impl)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 17)), torch.randint(0, cfg.vocab_size, (2, 17))
+
+    def run(remat):
+        m.remat = remat
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks for every mode
+        loss = cross_entropy_loss(m(idx), targets)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}, counter.get_total_flops()
+
+    runs = {remat: run(remat) for remat in ("none", "block", "dots")}
+    torch.manual_seed(2)
+    with torch.no_grad():  # dropout was on: other masks, another loss
+        assert abs(float(cross_entropy_loss(m(idx), targets)) - float(runs["none"][0])) > 1e-4
+    for remat in ("block", "dots"):
+        assert_rel_close(runs[remat][0], runs["none"][0], 1e-6, f"{remat} loss")
+        for name, g in runs["none"][1].items():
+            assert_rel_close(runs[remat][1][name], g, 1e-6, f"{remat} grad {name}")
+    linears = cfg.n_layers * 2 * 2 * 17 * 12 * cfg.emb_dim**2
+    assert runs["block"][2] - runs["dots"][2] == linears
+    assert runs["dots"][2] > runs["none"][2]  # attention (and nothing else FlopCounter counts) recomputed
+    with pytest.raises(ValueError, match="remat must be one of"):
+        GPTModel(SMALL, remat="all")
 
 
 def test_save_and_load_round_trip(tmp_path):

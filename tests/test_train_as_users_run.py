@@ -88,6 +88,17 @@ def test_dropout_on_trains_evaluates_without_it_and_resumes_exactly(setup, side)
     assert max_rel(full, losses(split)) <= 1e-6
 
 
+@pytest.mark.parametrize("side, remat", [("torch", "block"), ("torch", "dots"), ("jax", "block")])
+def test_remat_trains_the_same_with_dropout_on(setup, side, remat):
+    """Rematerialised blocks redraw the dropout masks they drew in the forward: the run is the same run."""
+    d, args = setup
+    full = d / f"{side}_full"
+    if not full.exists():
+        assert MAINS[side](args + ["--out", str(full)]) == 0
+    assert MAINS[side](args + ["--out", str(d / f"{side}_{remat}"), "--remat", remat]) == 0
+    assert max_rel(losses(full), losses(d / f"{side}_{remat}")) <= 1e-6
+
+
 @pytest.fixture(scope="module")
 def prepared(setup):
     """The sample corpus through `python -m gpt_core.data prepare`, in shards small enough that windows

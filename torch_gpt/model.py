@@ -1,13 +1,15 @@
 """GPT-2 in PyTorch, reading side by side with jax_gpt/model.py.
 
 Parameter names are those of the Hugging Face GPT-2 checkpoint (`wte`, `wpe`, `h.{i}.ln_1`,
-`attn.c_attn`, …), so loading is a loop with shape checks and one transpose for the Conv1D weights.
+`attn.c_attn`, …), so loading is a loop with shape checks (torch_gpt/convert.py: one transpose for the
+Conv1D weights). The init, the sinusoidal table and the layouts are gpt_core's (gpt_core/params.py).
 Shapes: B batch, T query positions, S key positions (T plus what a KV cache holds), nh heads, hs head
 size, C = emb_dim.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -15,19 +17,27 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from gpt_core.checkpoint import (
-    CONV1D_WEIGHTS,
     TORCH_BIN_FILE,
+    CheckpointError,
     canonicalize,
     load_config,
     load_raw_safetensors,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from gpt_core.config import GPTConfig
+from gpt_core.params import init_rule, sinusoidal_table
+from torch_gpt import convert
 
 ATTN_IMPLS = ("math", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
+REMAT = ("none", "block", "dots")
+# What `remat="dots"` keeps, as JAX's dots_with_no_batch_dims_saveable does: the linear layers' matmuls (the
+# ops nn.Linear reaches below autograd), not attention's batched ones, nor any elementwise op or norm.
+_MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
 
 
 class KVCache:
@@ -101,14 +111,7 @@ class SinusoidalPositions(nn.Module):
         self.register_buffer("table", self.make_table(), persistent=False)
 
     def make_table(self) -> torch.Tensor:
-        c = self.config
-        pos = torch.arange(c.context_length, dtype=torch.float64)[:, None]  # (ctx, 1)
-        freq = torch.exp(-math.log(10000.0) * torch.arange(0, c.emb_dim, 2, dtype=torch.float64)
-                         / c.emb_dim)  # (ceil(C/2),)
-        table = torch.zeros(c.context_length, c.emb_dim, dtype=torch.float64)
-        table[:, 0::2] = torch.sin(pos * freq)
-        table[:, 1::2] = torch.cos(pos * freq)[:, : c.emb_dim // 2]
-        return table.float()
+        return torch.from_numpy(sinusoidal_table(self.config.context_length, self.config.emb_dim))  # (ctx, C)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         return self.table[positions]
@@ -161,15 +164,25 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
+def _save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _MATMULS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_keep_matmuls = functools.partial(create_selective_checkpoint_contexts, _save_matmuls)
+
+
 class GPTModel(nn.Module):
     """GPT-2: embeddings, `n_layers` pre-LayerNorm blocks, final LayerNorm, output head.
 
     `attn_impl`: "math" (explicit masked softmax), "sdpa" (`F.scaled_dot_product_attention`) or
-    "triton" (the `kernels` package). `norm_impl`: "torch" or "triton". Both are runtime choices,
+    "triton" (the `kernels` package). `norm_impl`: "torch" or "triton". `remat`: what the backward
+    recomputes, "none", "block" (each block from its input: `torch.utils.checkpoint`, non-reentrant, which
+    replays the RNG so dropout masks match) or "dots" (the same, keeping the linear layers' matmul outputs:
+    selective activation checkpointing, JAX's `dots_with_no_batch_dims_saveable`). All are runtime choices,
     never part of the config.
     """
 
-    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa", norm_impl: str = "torch"):
+    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa", norm_impl: str = "torch", remat: str = "none"):
         super().__init__()
         if norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
@@ -183,7 +196,7 @@ class GPTModel(nn.Module):
         self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
-        self.attn_impl = attn_impl
+        self.attn_impl, self.remat = attn_impl, remat
         self.reset_parameters()
 
     @property
@@ -197,18 +210,24 @@ class GPTModel(nn.Module):
         for block in self.h:
             block.attn.attn_impl = impl
 
+    @property
+    def remat(self) -> str:
+        return self._remat
+
+    @remat.setter
+    def remat(self, remat: str) -> None:
+        if remat not in REMAT:
+            raise ValueError(f"remat must be one of {REMAT}, got {remat!r}")
+        self._remat = remat
+
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, init_std) weights, zero biases, residual projections scaled by 1/sqrt(2·n_layers)."""
-        std = self.config.init_std
+        """GPT-2 init by parameter name (gpt_core.params.init_rule)."""
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p)
-            elif name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layers))
+            kind, value = init_rule(name, self.config)
+            if kind == "constant":
+                nn.init.constant_(p, value)
             else:
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, value)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds."""
@@ -216,11 +235,18 @@ class GPTModel(nn.Module):
         start = 0 if cache is None else cache.pos
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        remat = self.remat != "none" and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
-            x = block(x, cache, i)  # (B, T, C)
+            x = self._recomputed(block, x) if remat else block(x, cache, i)  # (B, T, C)
         if cache is not None:
             cache.pos += T
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+    def _recomputed(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        """The block, its activations recomputed in the backward from its input (and, for "dots", its matmuls)."""
+        if self.remat == "dots":
+            return checkpoint(block, x, use_reentrant=False, context_fn=_keep_matmuls)
+        return checkpoint(block, x, use_reentrant=False)
 
     def _check_input(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[int, int]:
         if idx.dim() != 2:
@@ -244,13 +270,7 @@ class GPTModel(nn.Module):
     # ----------------------------------------------------------------------------- checkpoints
     def canonical_state(self) -> dict[str, np.ndarray]:
         """The parameters under Hugging Face GPT-2 names and layouts, as float32 numpy arrays."""
-        state = {}
-        for name, t in self.state_dict().items():
-            if name == "lm_head.weight" and self.config.tie_embeddings:
-                continue
-            a = t.detach().to("cpu", torch.float32).numpy()
-            state[name] = a.T if CONV1D_WEIGHTS.fullmatch(name) else a
-        return state
+        return convert.canonical_dict(self.config, self.state_dict().items())
 
     def load_canonical_state(self, state: dict[str, np.ndarray], source: str = "state") -> None:
         """Copy a state in Hugging Face names/layouts into this model, checked by `canonicalize` first."""
@@ -258,25 +278,22 @@ class GPTModel(nn.Module):
         own = self.state_dict()
         with torch.no_grad():
             for name, a in state.items():
-                t = torch.from_numpy(a)
-                own[name].copy_(t.T if CONV1D_WEIGHTS.fullmatch(name) else t)  # copy_ reads the strided view
+                own[name].copy_(convert.from_canonical(name, a))
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_checkpoint(directory, self.config, self.canonical_state())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device=None, dtype=None, **runtime) -> GPTModel:
-        """Load our checkpoint or a `transformers` GPT-2 directory (safetensors, or a `.bin` read with
-        `torch.load(weights_only=True)`), in eval mode. `runtime` goes to the constructor (attn_impl, norm_impl)."""
-        directory = Path(directory)
+    def from_pretrained(cls, name_or_dir: str | Path, *, device=None, dtype=None, **runtime) -> GPTModel:
+        """Load our checkpoint, a `transformers` GPT-2 directory (safetensors, or a `.bin` read with
+        `torch.load(weights_only=True)`) or a Hugging Face Hub repository id ("gpt2",
+        "openai-community/gpt2-medium", through the local Hub cache), in eval mode. `runtime` goes to the
+        constructor (attn_impl, norm_impl, remat)."""
+        directory = resolve_checkpoint(name_or_dir)
         config = load_config(directory)
         raw = load_raw_safetensors(directory)
         if raw is None:
-            bin_path = directory / TORCH_BIN_FILE
-            if not bin_path.is_file():
-                raise FileNotFoundError(f"{directory} has neither model.safetensors nor {TORCH_BIN_FILE}")
-            tensors = torch.load(bin_path, map_location="cpu", weights_only=True)
-            raw = {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
+            raw = _load_bin(directory)
         # Built on the meta device and given uninitialised storage: every parameter is overwritten (or the load
         # fails) below, and initialising gpt2-xl's 1.5B parameters first would take longer than reading them.
         with torch.device("meta"):
@@ -288,6 +305,25 @@ class GPTModel(nn.Module):
             model.wpe.table = model.wpe.make_table()
         model.load_canonical_state(raw, source=str(directory))
         return model.to(device=device, dtype=dtype).eval()  # as transformers does: ready for inference
+
+
+def _load_bin(directory: Path) -> dict[str, np.ndarray]:
+    """The tensors of `pytorch_model.bin`, read with `torch.load(weights_only=True)`, which runs no pickled code."""
+    path = directory / TORCH_BIN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} has neither model.safetensors nor {TORCH_BIN_FILE}")
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code or objects, RuntimeError for a damaged archive, ...
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        if "Weights only load failed" in lines[0]:  # torch's own words; the reason is on a later line
+            reason = next((line for line in lines if "GLOBAL" in line), lines[-1]).split(". ")[0].rstrip(".")
+            raise CheckpointError(f"{path} holds pickled code or objects besides tensors, which are never run "
+                                  f"({reason.removeprefix('WeightsUnpickler error: ')})") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {lines[0]})") from None
+    if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
+        raise CheckpointError(f"{path} does not hold a dict of tensors")
+    return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from gpt_core.batches import DataError
-from gpt_core.checkpoint import CONV1D_WEIGHTS
 from gpt_core.training import (
     OptimizerConfig,
     StepResult,
@@ -33,6 +32,7 @@ from gpt_core.training import (
     prepare_run,
     run_training,
 )
+from torch_gpt import convert
 from torch_gpt.generation import generate
 from torch_gpt.model import ATTN_IMPLS, GPTModel, cross_entropy_loss
 
@@ -80,15 +80,6 @@ def _assign(dst: torch.Tensor, full: torch.Tensor) -> None:
             dst.copy_(full)
 
 
-def _canonical(name: str, t: torch.Tensor) -> np.ndarray:
-    a = t.detach().to("cpu", torch.float32).numpy()
-    return a.T if CONV1D_WEIGHTS.fullmatch(name) else a
-
-
-def _from_canonical(name: str, a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a.T if CONV1D_WEIGHTS.fullmatch(name) else a))
-
-
 class TorchBackend:
     """One process of a run: the model (plain, DDP-wrapped or FSDP2-sharded), AdamW, autocast and scaler."""
 
@@ -107,10 +98,11 @@ class TorchBackend:
             raise ValueError("--fsdp shards over the processes of a torchrun job; this is a single process")
         self.device, self.is_lead, self.args, self.config = device, self.rank == 0, args, config
         torch.manual_seed(args.seed)
+        runtime = dict(attn_impl=args.attn_impl, remat=args.remat)
         if args.init_from is not None and resume is None:
-            model = GPTModel.from_pretrained(args.init_from, attn_impl=args.attn_impl).train()
+            model = GPTModel.from_pretrained(args.init_from, **runtime).train()
         else:
-            model = GPTModel(config, attn_impl=args.attn_impl)
+            model = GPTModel(config, **runtime)
         self.model = model.to(device)
         self.fsdp = args.fsdp
         if self.fsdp:
@@ -146,12 +138,12 @@ class TorchBackend:
             self.model.load_canonical_state(ckpt.model)
         else:
             for name, p in params.items():
-                _assign(p, _from_canonical(name, ckpt.model[name]))
+                _assign(p, convert.from_canonical(name, ckpt.model[name]))
         for name, p in params.items():
             st = {"step": torch.tensor(float(ckpt.step))}
             for kind in ("exp_avg", "exp_avg_sq"):
                 st[kind] = torch.zeros_like(p)
-                _assign(st[kind], _from_canonical(name, ckpt.optimizer[f"{kind}.{name}"]))
+                _assign(st[kind], convert.from_canonical(name, ckpt.optimizer[f"{kind}.{name}"]))
             self.opt.state[p] = st
         rng = ckpt.rng
         if "torch_cpu" in rng:
@@ -202,16 +194,13 @@ class TorchBackend:
         return float(torch.stack(losses).mean()) if losses else float("nan")
 
     def state(self):
-        model = {}
-        for name, t in self.model.state_dict().items():
-            if name == "lm_head.weight" and self.config.tie_embeddings:
-                continue
-            model[name] = _canonical(name, _full(t))
+        model = convert.canonical_dict(self.config, ((n, _full(t)) for n, t in self.model.state_dict().items()))
         moments = {}
         for name, p in self.model.named_parameters():
             st = self.opt.state.get(p, {})
             for kind in ("exp_avg", "exp_avg_sq"):
-                moments[f"{kind}.{name}"] = _canonical(name, _full(st[kind]) if kind in st else torch.zeros(p.shape))
+                moments[f"{kind}.{name}"] = convert.to_canonical(name, _full(st[kind]) if kind in st
+                                                                 else torch.zeros(p.shape))
         rng = {"torch_cpu": torch.get_rng_state().tolist()}
         if torch.device(self.device).type == "cuda":  # dropout masks on the GPU come from its own generator
             rng["torch_cuda"] = torch.cuda.get_rng_state().tolist()
@@ -229,7 +218,7 @@ class TorchBackend:
             weights = self.state()[0]
             if not self.is_lead:
                 return None
-            model = GPTModel(self.config, attn_impl=self.args.attn_impl).to(self.device)
+            model = GPTModel(self.config, attn_impl=self.args.attn_impl).to(self.device)  # no grads: no remat
             model.load_canonical_state(weights)
         elif not self.is_lead:
             return None

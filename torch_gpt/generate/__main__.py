@@ -1,4 +1,4 @@
-"""`python -m torch_gpt.generate --checkpoint DIR --prompt TEXT`: print a prompt's continuation."""
+"""`python -m torch_gpt.generate --checkpoint DIR_OR_NAME --prompt TEXT`: print a prompt's continuation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from gpt_core.generation import build_parser, encode_prompt, keep_callable
+from gpt_core.generation import build_parser, encode_prompt
 from torch_gpt.generation import generate
 from torch_gpt.model import ATTN_IMPLS, GPTModel
 
@@ -28,8 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     print(args.prompt + enc.decode(out[0, len(ids):].tolist()))
     return 0
 
-
-keep_callable(__name__, generate)
 
 if __name__ == "__main__":
     sys.exit(main())

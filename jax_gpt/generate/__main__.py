@@ -1,4 +1,4 @@
-"""`python -m jax_gpt.generate --checkpoint DIR --prompt TEXT`: print a prompt's continuation."""
+"""`python -m jax_gpt.generate --checkpoint DIR_OR_NAME --prompt TEXT`: print a prompt's continuation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from gpt_core.generation import build_parser, encode_prompt, keep_callable
+from gpt_core.generation import build_parser, encode_prompt
 from jax_gpt.generation import generate
 from jax_gpt.model import ATTN_IMPLS, GPTModel
 
@@ -30,8 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     print(args.prompt + enc.decode(out[0, len(ids):].tolist()))
     return 0
 
-
-keep_callable(__name__, generate)
 
 if __name__ == "__main__":
     sys.exit(main())
