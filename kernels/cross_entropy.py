@@ -181,7 +181,7 @@ def reference_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Te
         row = lse - (1 - eps) * s_y - eps * s.mean(-1) if eps > 0 else lse - s_y
         loss.copy_(torch.where(valid, row, 0.0))
     if write_grad:
-        g = torch.exp(s - lse[:, None])
+        g = (s - lse[:, None]).exp_()  # one (R, V) temporary besides the logits
         g.scatter_add_(1, y[:, None], torch.full_like(s_y[:, None], -(1 - label_smoothing)))
         if label_smoothing > 0:
             g -= label_smoothing / s.shape[1]

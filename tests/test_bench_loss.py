@@ -1,0 +1,54 @@
+"""`python -m bench loss` at a tiny size: the rows it writes, and that the fused loss's memory is measured smaller.
+
+The figures of the issue (gpt2, B=8, T=1024) come from the same command at full size; here only its plumbing and
+the direction of the effect are checked, at a size where a chunk of logits is a quarter of the whole.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.__main__ import main
+from kernels import utils
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    """As `python -m bench loss` runs on a CPU: Triton's interpreter off, so the fused loss's CPU path (the
+    PyTorch reference of the per-chunk step, chunked the same way) runs, not the interpreter (minutes here)."""
+    out = tmp_path_factory.mktemp("loss") / "rows.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "interpreting", lambda: False)
+        assert main(["loss", "--part", "loss", "--batch", "4", "--seq-len", "128", "--repeats", "1",
+                     "--json", str(out)]) == 0
+    return json.loads(out.read_text())["rows"]
+
+
+def test_rows(rows):
+    assert [(r["impl"], r["name"]) for r in rows] == [
+        ("torch/plain", "loss forward+backward"), ("torch/fused (reference path)", "loss forward+backward"),
+        ("jax/plain", "loss forward+backward"), ("jax/fused", "loss forward+backward")]
+    assert all(r["shape"] == "B=4 T=128 C=64 V=50257" and r["ms"] > 0 for r in rows)
+
+
+def test_fused_loss_holds_less(rows):
+    """512 rows × 50,257 float32 logits are 98 MiB: PyTorch's loss keeps its log-softmax (as large) for the
+    backward and peaks at several times that; the fused loss keeps only the two gradients, and peaks at a few chunks
+    of 128 rows (the reference path's per-chunk temporaries) besides them."""
+    torch_plain, torch_fused, jax_plain, jax_fused = rows
+    n, c, v = 512, 64, 50257
+    logits_mb, grads_mb, chunk_mb = (x * 4 / 2**20 for x in (n * v, n * c + v * c, 128 * v))
+    assert torch_plain["saved_mb"] >= logits_mb and torch_plain["peak_mb"] >= 2 * logits_mb
+    assert torch_fused["saved_mb"] == pytest.approx(grads_mb)
+    assert torch_fused["peak_mb"] <= 3 * chunk_mb + 2 * grads_mb + 1
+    assert torch_fused["mem_vs_plain"] == pytest.approx(torch_plain["peak_mb"] / torch_fused["peak_mb"])
+    assert torch_fused["mem_vs_plain"] > 2
+    assert jax_plain["temp_mb"] >= logits_mb
+    assert jax_fused["mem_vs_plain"] > 2
+    assert jax_fused["out_mb"] == pytest.approx(jax_plain["out_mb"])  # the same loss and gradients come out
+
+
+def test_bad_arguments():
+    assert main(["loss", "--seq-len", "4096"]) == 2  # beyond the tiny preset's context
