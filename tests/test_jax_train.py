@@ -83,20 +83,24 @@ def test_jax_resumes_a_torch_checkpoint_format(setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fsdp", [False, True], ids=["data-parallel", "fsdp"])
-def test_four_devices_equal_one(setup, fsdp):
+@pytest.mark.parametrize("fsdp, scan", [(False, False), (True, False), (True, True)],
+                         ids=["data-parallel", "fsdp", "fsdp-scanned"])
+def test_four_devices_equal_one(setup, fsdp, scan):
+    """Sharded (a scanned model's stacked arrays along their first axis after the layer axis) equals one device."""
     d, args = setup
     args = args + ["--steps", "5"]
-    tag = "fsdp" if fsdp else "dp"
-    assert jax_main(args + ["--out", str(d / f"one_{tag}")]) == 0
+    tag = ("fsdp" if fsdp else "dp") + ("_scan" if scan else "")
+    if not (d / "one").exists():
+        assert jax_main(args + ["--out", str(d / "one")]) == 0
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     cmd = [sys.executable, "-m", "jax_gpt.train", *args, "--out", str(d / f"four_{tag}")] + (["--fsdp"] if fsdp else [])
+    cmd += ["--scan-layers"] if scan else []
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on 4 x cpu" in run.stdout
     if fsdp:
         assert "FSDP: 0 of" not in run.stdout and "tensors sharded" in run.stdout
-    assert max_rel(losses(d / f"one_{tag}")[0], losses(d / f"four_{tag}")[0]) <= 1e-5
+    assert max_rel(losses(d / "one")[0], losses(d / f"four_{tag}")[0]) <= 1e-5
 
 
 def launch_two_processes(args, out) -> list[subprocess.Popen]:
