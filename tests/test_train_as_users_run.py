@@ -181,3 +181,13 @@ def test_llmc_shards_load_as_they_are(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "x_train_000001.bin" in err and "60000" in err and ">= the model's vocab_size 50257" in err
     assert not (tmp_path / "bad_run").exists()  # found before anything was written
+
+
+def test_a_sample_with_ids_past_the_tokenizer_is_shown_not_fatal():
+    """A model vocabulary padded past the tokenizer's (GPT-2's 50,304) can sample ids the tokenizer lacks."""
+    from gpt_core.tokenizer import get_tokenizer
+    from gpt_core.training import decode_sample
+
+    tok = get_tokenizer("gpt2")
+    ids = tok.encode("Every effort") + [50300] + tok.encode(" moves you")
+    assert decode_sample(tok, ids) == "Every effort<|id 50300|> moves you"
