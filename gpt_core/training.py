@@ -460,9 +460,26 @@ def run_training(backend: Backend, config: GPTConfig, data: TrainingData, run: R
         if step < run.steps:
             print(f"stopped at step {step} of {run.steps}: continue with --resume")
         if sample is not None:
-            print(f"sample: {data.tokenizer.decode(sample)!r}")
+            print(f"sample: {decode_sample(data.tokenizer, sample)!r}")
         print(f"wrote {out / 'metrics.jsonl'}, {out / 'loss.png'}, {out / 'checkpoint'}")
     return 0
+
+
+def decode_sample(tokenizer, ids: list[int]) -> str:
+    """Decode a sample; ids the model has but the tokenizer lacks (a vocabulary padded past the tokenizer's,
+    as GPT-2's 50,304) are shown as <|id N|> instead of failing the run at its last line."""
+    out, run = [], []
+    for i in ids:
+        if i < tokenizer.n_vocab:
+            run.append(i)
+            continue
+        if run:
+            out.append(tokenizer.decode(run))
+            run = []
+        out.append(f"<|id {i}|>")
+    if run:
+        out.append(tokenizer.decode(run))
+    return "".join(out)
 
 
 def prepare_run(args: argparse.Namespace) -> tuple[GPTConfig, TrainingData, RunConfig, OptimizerConfig,
