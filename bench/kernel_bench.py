@@ -214,6 +214,45 @@ def sweep(quick: bool) -> list[Row]:
             rows.append(_err_row("layer_norm fwd", path, dtype, f"M=8 N={n}", y, yt, y64, 0.0))
             for name, mine, theirs, exact in zip(("dx", "dw", "db"), g, gt, g64, strict=True):
                 rows.append(_err_row(f"layer_norm {name}", path, dtype, f"M=8 N={n}", mine, theirs, exact, scale))
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for n, offset in ([(17, 0.0), (768, 1.0)] if quick else
+                          [(n, offset) for n in (1, 17, 768, 4099) for offset in (0.0, 1.0)]):
+            rows += _rms_norm_err_rows(8, n, offset, dtype)
+    return rows
+
+
+def _rms_norm_err_rows(m: int, n: int, offset: float, dtype) -> list[Row]:
+    """kernels.rms_norm (offset 1: Gemma's 1 + weight) against float64, beside PyTorch's own in `dtype`:
+    `F.rms_norm`, or for the offset the float32 formula Gemma's modeling code uses."""
+    import torch
+    import torch.nn.functional as F
+
+    import kernels
+    from kernels import utils
+
+    def torch_rms_norm(x_, w_):
+        if offset == 0.0:
+            return F.rms_norm(x_, (n,), w_, 1e-6)
+        xf = x_.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6) * (offset + w_.float())).to(x_.dtype)
+
+    x = torch.randn(m, n, dtype=dtype, requires_grad=True)
+    w = ((1 - offset) + 0.3 * torch.randn(n, dtype=dtype)).requires_grad_()
+    dy = torch.randn(m, n, dtype=dtype)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    y64 = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6) * (offset + w64)
+    g64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    with utils.poisoned_outputs():
+        y = kernels.rms_norm(x, w, 1e-6, offset=offset)
+    path = utils.last_path("rms_norm_fwd")
+    g = torch.autograd.grad(y, (x, w), dy)
+    yt = torch_rms_norm(x, w)
+    gt = torch.autograd.grad(yt, (x, w), dy)
+    scale = max(float(torch.linalg.vector_norm(e)) for e in g64)
+    shape = f"M={m} N={n}" + (f" offset={offset:g}" if offset else "")
+    rows = [_err_row("rms_norm fwd", path, dtype, shape, y, yt, y64, 0.0)]
+    for name, mine, theirs, exact in zip(("dx", "dw"), g, gt, g64, strict=True):
+        rows.append(_err_row(f"rms_norm {name}", path, dtype, shape, mine, theirs, exact, scale))
     return rows
 
 

@@ -124,20 +124,21 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
-def _bwd_chunk(X, DY, W, mean, rstd, offs, cols, col_ok, mask, w_offset):
-    """x̂, dy and (w_offset + w)·dy (ROWS, BLOCK_N) float32 at `offs` of the tile's rows, zero outside `mask`."""
-    xhat = tl.where(mask, (tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
+def _bwd_chunk(X, DY, W, mean, offs, cols, col_ok, mask, w_offset):
+    """x − mean, dy and g = (w_offset + w)·dy (ROWS, BLOCK_N) float32 at `offs` of the tile's rows, zero outside
+    `mask`."""
+    xc = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean, 0.0)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     wdy = dy
     if W is not None:
         wdy = dy * _load_weight(W, cols, col_ok, w_offset)
-    return xhat, dy, wdy
+    return xc, dy, wdy
 
 
 @triton.jit
-def _dx_sums(xhat, wdy, MEAN):
-    """The row sums (ROWS, 1) dx needs: Σ x̂·g, and Σ g for LayerNorm (MEAN given; zero for RMSNorm)."""
-    s1 = tl.sum(xhat * wdy, 1)[:, None]
+def _dx_sums(xc, wdy, MEAN):
+    """The row sums (ROWS, 1) dx needs: Σ (x − mean)·g, and Σ g for LayerNorm (MEAN given; zero for RMSNorm)."""
+    s1 = tl.sum(xc * wdy, 1)[:, None]
     s2 = tl.zeros_like(s1)
     if MEAN is not None:
         s2 = tl.sum(wdy, 1)[:, None]
@@ -145,9 +146,9 @@ def _dx_sums(xhat, wdy, MEAN):
 
 
 @triton.jit
-def _store_dx(DX, DZ, offs, mask, xhat, wdy, c1, c2, rstd, INTERP_BF16: tl.constexpr):
-    """dx = rstd · (w·dy − (x̂·c1 + c2)), plus DZ (the residual sum's gradient) when given."""
-    dx = (wdy - (xhat * c1 + c2)) * rstd
+def _store_dx(DX, DZ, offs, mask, xc, wdy, c1, c2, rstd, INTERP_BF16: tl.constexpr):
+    """dx = rstd · (g − ((x − mean)·c1 + c2)), plus DZ (the residual sum's gradient) when given."""
+    dx = (wdy - (xc * c1 + c2)) * rstd
     if DZ is not None:
         dx += tl.load(DZ + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + offs, cast_to(dx, DX.dtype.element_ty, INTERP_BF16), mask=mask)
@@ -178,8 +179,10 @@ def _norm_bwd_kernel(
     INTERP_BF16: tl.constexpr,
 ):
     # Program p takes row tiles p, p + P, p + 2P, ... and sums their dweight/dbias terms into row p of the
-    # partials; the launcher adds the P rows up once. With g = (w_offset + w)·dy,
-    # dx = rstd · (g − x̂·mean(g·x̂) − mean(g)), the last term for LayerNorm only.
+    # partials; the launcher adds the P rows up once. With g = (w_offset + w)·dy and x̂ = (x − mean)·rstd,
+    # dx = rstd · (g − x̂·mean(g·x̂) − mean(g)), the last term for LayerNorm only, computed as
+    # rstd · (g − (x − mean)·(rstd²·mean(g·(x − mean))) − mean(g)): x̂ rounded once per element instead of twice
+    # matters where the terms cancel (rows with mean(x²) near eps).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     if DW_PART is not None:
@@ -211,10 +214,10 @@ def _norm_bwd_kernel(
         if SINGLE_BLOCK:
             col_ok = cols < N
             mask = row_ok[:, None] & col_ok[None, :]
-            xhat, dy, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, rstd, cols[None, :], cols, col_ok, mask, w_offset)
-            s1, s2 = _dx_sums(xhat, wdy, MEAN)
-            _store_dx(dx_rows, dz_rows, cols[None, :], mask, xhat, wdy, s1 / N, s2 / N, rstd, INTERP_BF16)
-            dw += tl.sum(dy * xhat, 0)
+            xc, dy, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, cols[None, :], cols, col_ok, mask, w_offset)
+            s1, s2 = _dx_sums(xc, wdy, MEAN)
+            _store_dx(dx_rows, dz_rows, cols[None, :], mask, xc, wdy, s1 / N * rstd * rstd, s2 / N, rstd, INTERP_BF16)
+            dw += tl.sum(dy * (xc * rstd), 0)
             db += tl.sum(dy, 0)
         else:
             s1 = tl.zeros((ROWS, 1), tl.float32)
@@ -222,18 +225,18 @@ def _norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 col_ok = start + cols < N
                 mask = row_ok[:, None] & col_ok[None, :]
-                xhat, _, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, rstd, start + cols[None, :], start + cols,
-                                          col_ok, mask, w_offset)
-                a, b = _dx_sums(xhat, wdy, MEAN)
+                xc, _, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, start + cols[None, :], start + cols, col_ok, mask,
+                                        w_offset)
+                a, b = _dx_sums(xc, wdy, MEAN)
                 s1, s2 = s1 + a, s2 + b
-            c1, c2 = s1 / N, s2 / N
+            c1, c2 = s1 / N * rstd * rstd, s2 / N
             for start in range(0, N, BLOCK_N):
                 col_ok = start + cols < N
                 mask = row_ok[:, None] & col_ok[None, :]
-                xhat, dy, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, rstd, start + cols[None, :], start + cols,
-                                           col_ok, mask, w_offset)
-                _store_dx(dx_rows, dz_rows, start + cols[None, :], mask, xhat, wdy, c1, c2, rstd, INTERP_BF16)
-                _add_to_partial(DW_PART, start + cols, col_ok, tl.sum(dy * xhat, 0))
+                xc, dy, wdy = _bwd_chunk(x_rows, dy_rows, W, mean, start + cols[None, :], start + cols, col_ok, mask,
+                                         w_offset)
+                _store_dx(dx_rows, dz_rows, start + cols[None, :], mask, xc, wdy, c1, c2, rstd, INTERP_BF16)
+                _add_to_partial(DW_PART, start + cols, col_ok, tl.sum(dy * (xc * rstd), 0))
                 _add_to_partial(DB_PART, start + cols, col_ok, tl.sum(dy, 0))
     if SINGLE_BLOCK:
         if DW_PART is not None:
