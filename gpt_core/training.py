@@ -64,6 +64,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     m.add_argument("--remat", default="none", choices=["none", "block", "dots"],
                    help="recompute activations in the backward to save memory: none; block (each block from its "
                         "input); dots (the same, keeping the linear layers' matmul outputs)")
+    m.add_argument("--loss-impl", default="plain", choices=["plain", "fused"],
+                   help="plain: the loss of the whole (B, T, vocab) logits; fused: chunk by chunk from the final "
+                        "hidden states, never holding the logits (kernels.linear_cross_entropy / "
+                        "jax_gpt.losses.linear_cross_entropy)")
     d = p.add_argument_group("data")
     d.add_argument("--data", default=None,
                    help="a folder of token shards (`python -m gpt_core.data prepare`, or llm.c's *_train_*.bin / "

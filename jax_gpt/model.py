@@ -27,8 +27,10 @@ from gpt_core.checkpoint import CheckpointError, canonicalize, expected_shapes, 
 from gpt_core.config import GPTConfig
 from gpt_core.params import init_rule, sinusoidal_table
 from jax_gpt import convert
+from jax_gpt.losses import linear_cross_entropy
 
 ATTN_IMPLS = ("math", "xla", "cudnn")
+LOSS_IMPLS = ("plain", "fused")
 # What the backward recomputes (jax.checkpoint's policy): "block" keeps only each block's input, "dots" also the
 # matmuls without batch dimensions (the linear layers, not attention's batched ones), as MaxText's remat_policy.
 REMAT = {"none": None, "block": jax.checkpoint_policies.nothing_saveable,
@@ -216,14 +218,19 @@ class GPTModel(nnx.Module):
     `scan_layers`: the blocks' arrays stacked on a leading layer axis and run by one `lax.scan` (one block
     traced and compiled, whatever the depth) instead of a Python loop. `remat`: what the backward recomputes
     ("none", "block", "dots": see REMAT). Matmul precision is JAX's default (`jax_default_matmul_precision`;
-    TF32 on recent GPUs unless set to "highest", as the tests do). All are runtime choices, never part of the
+    TF32 on recent GPUs unless set to "highest", as the tests do). `loss_impl`: how `model(idx, targets=y)`
+    computes its loss, "plain" (from the logits) or "fused" (`jax_gpt.losses.linear_cross_entropy` from the final
+    hidden states: the (B, T, V) logits never exist whole). All are runtime choices, never part of the
     config: scanned and unrolled models read and write the same checkpoints.
     """
 
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attn_impl: str = "xla", scan_layers: bool = False, remat: str = "none"):
+                 attn_impl: str = "xla", scan_layers: bool = False, remat: str = "none", loss_impl: str = "plain"):
         if remat not in REMAT:
             raise ValueError(f"remat must be one of {tuple(REMAT)}, got {remat!r}")
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        self.loss_impl = loss_impl
         self.config, self.dtype, self.scan_layers, self.remat = config, dtype, scan_layers, remat
         init_key = rngs.params()  # drawn first: the weights do not depend on how the blocks are built
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -274,20 +281,28 @@ class GPTModel(nnx.Module):
                               value * jax.random.normal(jax.random.fold_in(key, order[name]), shape))
             p.set_value((jnp.stack(values) if convert.is_stacked(path) else values[0]).astype(p.dtype))
 
-    def __call__(self, idx: jax.Array, *, deterministic: bool = True,
-                 cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    def __call__(self, idx: jax.Array, *, deterministic: bool = True, cache: KVCache | None = None,
+                 targets: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
         """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds and
-        the call returns (logits, updated cache). `deterministic=False` turns dropout on."""
+        the call returns (logits, updated cache). `deterministic=False` turns dropout on. With `targets` (B, T),
+        the mean float32 cross-entropy against them instead (`loss_impl`; -100 is ignored by "fused" only)."""
+        if targets is not None and cache is not None:
+            raise ValueError("targets (a training loss) and a KV cache (generation) do not go together")
         B, T = self._check_input(idx, cache)
         start = 0 if cache is None else cache.pos
         pos = start + jnp.arange(T)  # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos), deterministic=deterministic)  # (B, T, C)
         x, cache = self._run_blocks(x, cache, deterministic)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
+        if targets is not None and self.loss_impl == "fused":
+            head = self.wte.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T  # (V, C)
+            return linear_cross_entropy(x, head.astype(self.dtype), targets)  # ()
         if self.lm_head is None:  # tied: x @ wte.T as an einsum; Flax's wte.attend makes XLA:CPU copy wte.T per call
             logits = jnp.einsum("BTC,VC->BTV", x, self.wte.embedding[...].astype(self.dtype))  # (B, T, vocab_size)
         else:
             logits = self.lm_head(x)  # (B, T, vocab_size)
+        if targets is not None:
+            return cross_entropy_loss(logits, targets)  # ()
         if cache is None:
             return logits
         return logits, dataclasses.replace(cache, pos=cache.pos + T)

@@ -238,12 +238,11 @@ class JaxBackend:
         from jax.sharding import PartitionSpec as P
 
         import jax_gpt
-        from jax_gpt.model import cross_entropy_loss
 
         self.config, self.mesh, self.is_lead = config, mesh, jax.process_index() == 0
         dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
         runtime = dict(dtype=dtype, param_dtype=jnp.float32, attn_impl=args.attn_impl, scan_layers=args.scan_layers,
-                       remat=args.remat)
+                       remat=args.remat, loss_impl=args.loss_impl)
         if args.init_from is not None and resume is None:
             model = jax_gpt.GPTModel.from_pretrained(args.init_from, rngs=nnx.Rngs(args.seed), **runtime)
         else:
@@ -267,7 +266,7 @@ class JaxBackend:
             # copy=True: fresh Variables at this trace level. Reusing the carried ones (created at the scan's
             # level) makes dropout's RNG counter raise "Cannot mutate RngCount from a different trace level".
             m = nnx.merge(graphdef, params, rest, copy=True)
-            loss = cross_entropy_loss(m(x, deterministic=False), y)
+            loss = m(x, deterministic=False, targets=y)
             return loss, nnx.state(m, nnx.Not(nnx.Param))  # dropout RNG counters advanced
 
         @partial(jax.jit, donate_argnums=(0, 1, 2))
@@ -287,7 +286,7 @@ class JaxBackend:
 
         @jax.jit
         def eval_loss(params, rest, x, y):
-            return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x), y)
+            return nnx.merge(graphdef, params, rest)(x, targets=y)
 
         self._train_step, self._eval_loss = train_step, eval_loss
         self._batch_size = args.batch_size

@@ -210,6 +210,14 @@ def lce_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     gradient; `grads` says which of d(hidden), d(weight), d(bias) to compute. Returns the per-row losses (N,)
     float32 (or empty), d(hidden) (N, C), d(weight) (V, C) and d(bias) (V,) in the inputs' dtypes (or empty).
     """
+    with torch.autocast(hidden.device.type, enabled=False):  # the GEMMs' dtypes are chosen here, not by autocast
+        return _lce_chunks(hidden, weight, bias, targets, scale, chunk_fn=chunk_fn, ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, softcap=softcap, chunk=chunk, want_loss=want_loss,
+                           row_scale=row_scale, grads=grads)
+
+
+def _lce_chunks(hidden, weight, bias, targets, scale, *, chunk_fn, ignore_index, label_smoothing, softcap, chunk,
+                want_loss, row_scale, grads):
     n, c = hidden.shape
     v = weight.shape[0]
     want_dh, want_dw, want_db = grads
@@ -392,7 +400,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     reduction=..., label_smoothing=...)`, with the logits capped to softcap·tanh(logits / softcap) first when
     `softcap` is given. The loss is float32: a scalar for "mean" and "sum", targets' shape for "none".
     Differentiable in hidden, weight and bias. `chunk_size` rows of logits at a time (default: `chunk_rows`).
+    Under `torch.autocast` the inputs are cast to its dtype first, as the lm_head's `F.linear` would be.
     """
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        cast = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(cast), weight.to(cast)
+        bias = bias.to(cast) if bias is not None else None
     _check(hidden, weight, targets, bias, reduction, label_smoothing, softcap, chunk_size)
     c, v = weight.shape[1], weight.shape[0]
     h2, t1 = hidden.reshape(-1, c), targets.reshape(-1)

@@ -52,3 +52,18 @@ def test_fused_loss_holds_less(rows):
 
 def test_bad_arguments():
     assert main(["loss", "--seq-len", "4096"]) == 2  # beyond the tiny preset's context
+
+
+def test_training_step_rows(tmp_path):
+    """`--part step`: the whole tiny model's training step with each loss_impl; at this width the logits are most
+    of the step's memory, so the fused step (4 chunks of 128 rows) needs several times less."""
+    out = tmp_path / "rows.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "interpreting", lambda: False)
+        assert main(["loss", "--part", "step", "--batch", "4", "--seq-len", "128", "--repeats", "1",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["torch/sdpa loss_impl=plain", "torch/sdpa loss_impl=fused",
+                                         "jax/xla loss_impl=plain", "jax/xla loss_impl=fused"]
+    assert all(r["name"] == "train step" and r["shape"] == "L=2 B=4 T=128 C=64 V=50257" for r in rows)
+    assert rows[1]["mem_vs_plain"] > 2 and rows[3]["mem_vs_plain"] > 2

@@ -322,6 +322,22 @@ def test_tied_weight_gradients_add_up():
     assert rel_error(fused, plain) < 1e-6
 
 
+def test_autocast_casts_the_inputs_as_linear_would():
+    """Under torch.autocast the loss is that of the inputs cast to its dtype, and the gradients reach the float32
+    leaves in float32, as they do through `F.linear` under autocast."""
+    h, w, _, t = make_inputs((2, 9), 127, 16, torch.float32)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = kernels.linear_cross_entropy(h, w, t)
+    loss.backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    cast = kernels.linear_cross_entropy(hb, wb, t)
+    cast.backward()
+    assert torch.equal(loss, cast)
+    assert torch.equal(h.grad, hb.grad.float()) and torch.equal(w.grad, wb.grad.float())
+
+
 def test_opcheck():
     h, w, b, t = make_inputs((9,), 31, 16, torch.float32, bias=True)
     h, w, b = (x.requires_grad_() for x in (h, w, b))

@@ -35,6 +35,7 @@ from torch_gpt import convert
 ATTN_IMPLS = ("math", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
 REMAT = ("none", "block", "dots")
+LOSS_IMPLS = ("plain", "fused")
 # What `remat="dots"` keeps, as JAX's dots_with_no_batch_dims_saveable does: the linear layers' matmuls (the
 # ops nn.Linear reaches below autograd), not attention's batched ones, nor any elementwise op or norm.
 _MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
@@ -178,14 +179,20 @@ class GPTModel(nn.Module):
     "triton" (the `kernels` package). `norm_impl`: "torch" or "triton". `remat`: what the backward
     recomputes, "none", "block" (each block from its input: `torch.utils.checkpoint`, non-reentrant, which
     replays the RNG so dropout masks match) or "dots" (the same, keeping the linear layers' matmul outputs:
-    selective activation checkpointing, JAX's `dots_with_no_batch_dims_saveable`). All are runtime choices,
-    never part of the config.
+    selective activation checkpointing, JAX's `dots_with_no_batch_dims_saveable`). `loss_impl`: how
+    `model(idx, targets=y)` computes its loss, "plain" (from the logits) or "fused"
+    (`kernels.linear_cross_entropy` from the final hidden states: the (B, T, V) logits never exist whole). All are
+    runtime choices, never part of the config.
     """
 
-    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa", norm_impl: str = "torch", remat: str = "none"):
+    def __init__(self, config: GPTConfig, attn_impl: str = "sdpa", norm_impl: str = "torch", remat: str = "none",
+                 loss_impl: str = "plain"):
         super().__init__()
         if norm_impl not in NORM_IMPLS:
             raise ValueError(f"norm_impl must be one of {NORM_IMPLS}, got {norm_impl!r}")
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        self.loss_impl = loss_impl
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.emb_dim)
         self.wpe = (nn.Embedding(config.context_length, config.emb_dim) if config.pos_embedding == "learned"
@@ -229,8 +236,12 @@ class GPTModel(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, value)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds. With
+        `targets` (B, T), the mean float32 cross-entropy against them instead (`loss_impl`; -100 is ignored)."""
+        if targets is not None and cache is not None:
+            raise ValueError("targets (a training loss) and a KV cache (generation) do not go together")
         B, T = self._check_input(idx, cache)
         start = 0 if cache is None else cache.pos
         pos = torch.arange(start, start + T, device=idx.device)  # (T,)
@@ -240,7 +251,14 @@ class GPTModel(nn.Module):
             x = self._recomputed(block, x) if remat else block(x, cache, i)  # (B, T, C)
         if cache is not None:
             cache.pos += T
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        x = self.ln_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x)  # (B, T, vocab_size)
+        if self.loss_impl == "fused":
+            import kernels
+
+            return kernels.linear_cross_entropy(x, self.lm_head.weight, targets)  # ()
+        return cross_entropy_loss(self.lm_head(x), targets)  # ()
 
     def _recomputed(self, block: Block, x: torch.Tensor) -> torch.Tensor:
         """The block, its activations recomputed in the backward from its input (and, for "dots", its matmuls)."""

@@ -34,7 +34,7 @@ from gpt_core.training import (
 )
 from torch_gpt import convert
 from torch_gpt.generation import generate
-from torch_gpt.model import ATTN_IMPLS, GPTModel, cross_entropy_loss
+from torch_gpt.model import ATTN_IMPLS, GPTModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,7 +98,7 @@ class TorchBackend:
             raise ValueError("--fsdp shards over the processes of a torchrun job; this is a single process")
         self.device, self.is_lead, self.args, self.config = device, self.rank == 0, args, config
         torch.manual_seed(args.seed)
-        runtime = dict(attn_impl=args.attn_impl, remat=args.remat)
+        runtime = dict(attn_impl=args.attn_impl, remat=args.remat, loss_impl=args.loss_impl)
         if args.init_from is not None and resume is None:
             model = GPTModel.from_pretrained(args.init_from, **runtime).train()
         else:
@@ -164,7 +164,7 @@ class TorchBackend:
             yb = torch.from_numpy(y[rows]).to(self.device)
             last = m == self.grad_accum - 1
             with self._sync(last), self.autocast:
-                loss = cross_entropy_loss(self.forward(xb), yb) / self.grad_accum
+                loss = self.forward(xb, targets=yb) / self.grad_accum
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         self.scaler.unscale_(self.opt)
@@ -188,8 +188,8 @@ class TorchBackend:
     def evaluate(self, batches) -> float:
         self.model.eval()
         with torch.no_grad(), self.autocast:
-            losses = [cross_entropy_loss(self.wrapped(torch.from_numpy(x).to(self.device)),
-                                         torch.from_numpy(y).to(self.device)) for x, y in batches]
+            losses = [self.wrapped(torch.from_numpy(x).to(self.device), targets=torch.from_numpy(y).to(self.device))
+                      for x, y in batches]
         self.model.train()
         return float(torch.stack(losses).mean()) if losses else float("nan")
 
