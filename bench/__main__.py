@@ -113,7 +113,7 @@ def parser() -> argparse.ArgumentParser:
     add_common(dat)
     los = sub.add_parser("loss", help="memory and time of the loss: whole logits vs fused, both sides",
                          formatter_class=HelpFormatter)
-    add_model(los, batch=2, seq_len=64)
+    add_model(los, batch=4, seq_len=128)  # 512 rows: 4 chunks of logits, so the default run shows the effect
     los.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     los.add_argument("--side", action="append", choices=["torch", "jax"], help="only these sides (repeatable)")
     los.add_argument("--part", action="append", choices=["loss", "step"],
