@@ -40,8 +40,8 @@ def test_parity_fails_on_a_perturbed_weight(config_file, capsys):
 
 def test_speed_json_has_every_field(config_file, tmp_path):
     out, csv = tmp_path / "speed.json", tmp_path / "speed.csv"
-    assert main(["speed", "--config", config_file, "--batch", "2", "--seq-len", "16", "--repeats", "2",
-                 "--decode-tokens", "8", "--impl", "torch/sdpa", "--impl", "jax/xla", "--json", str(out),
+    assert main(["speed", "--config", config_file, "--batch", "2", "--seq-len", "16", "--repeats", "3",
+                 "--decode-tokens", "16", "--impl", "torch/sdpa", "--impl", "jax/xla", "--json", str(out),
                  "--csv", str(csv), "--plot", str(tmp_path / "speed.png")]) == 0
     doc = json.loads(out.read_text())
     rows = doc["rows"]
