@@ -227,11 +227,13 @@ def _timed(s: Setup, impl: str, phase: str, fn, sync, device: str, tokens: int, 
 
 
 def _decode(s: Setup, impl: str, prefill_fn, full_fn, sync, device: str) -> Row:
-    """Per-token decode time: (prefill + n decode steps − prefill) / n, both through `generate`."""
+    """Per-token decode time: (prefill + n decode steps − prefill) / n, both through `generate`. A difference
+    of two timings: taken between their fastest tenths (load only ever adds time), as the median difference
+    went negative on a loaded machine."""
     p = timing.measure(prefill_fn, sync, s.repeats, warmup=1)
     f = timing.measure(full_fn, sync, s.repeats, warmup=1)
     n = s.decode_tokens
-    med = (f.median - p.median) / n
+    med = (f.p10 - p.p10) / n
     per = timing.Timing(med, med * f.p10 / f.median, med * f.p90 / f.median, s.repeats)  # the full call's spread
     mem = _torch_mem(device) if impl.startswith("torch") else _jax_mem()
     return _row(s, impl, "decode", per, s.batch, _flops(s, "decode"), None, mem,
