@@ -234,10 +234,12 @@ def _decode(s: Setup, impl: str, prefill_fn, full_fn, sync, device: str) -> Row:
     f = timing.measure(full_fn, sync, s.repeats, warmup=1)
     n = s.decode_tokens
     med = (f.p10 - p.p10) / n
+    note = "per generated token (all sequences of the batch), KV cache"
+    if med <= 0:  # the n steps hid inside the prefill's noise: say so rather than print a negative time
+        med, note = float("nan"), note + "; NOT MEASURED: below the timing noise (a loaded machine?)"
     per = timing.Timing(med, med * f.p10 / f.median, med * f.p90 / f.median, s.repeats)  # the full call's spread
     mem = _torch_mem(device) if impl.startswith("torch") else _jax_mem()
-    return _row(s, impl, "decode", per, s.batch, _flops(s, "decode"), None, mem,
-                "per generated token (all sequences of the batch), KV cache")
+    return _row(s, impl, "decode", per, s.batch, _flops(s, "decode"), None, mem, note)
 
 
 # --------------------------------------------------------------------------------------------------- jax

@@ -52,6 +52,9 @@ def test_speed_json_has_every_field(config_file, tmp_path):
         for key in ("ms", "spread", "tokens_per_s", "tflops", "mfu", "compile_s", "peak_mem_mb", "dtype", "shape",
                     "commit", "torch", "jax", "torch_device", "python"):
             assert key in r, f"{key} missing from {r['impl']} {r['name']}"
+        if r["name"] == "decode" and "NOT MEASURED" in r["note"]:  # a difference of timings lost in noise
+            assert r["ms"] != r["ms"]  # NaN, never a negative time
+            continue
         assert r["ms"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"]
     assert all(r["compile_s"] is not None for r in rows if r["impl"] == "jax/xla" and r["name"] != "decode")
     assert csv.read_text().count("\n") == len(rows) + 1
