@@ -4,9 +4,10 @@ transformers calls an attention function with (B, H, T_Q, D) queries, (B, H_KV, 
 and keyword arguments (`scaling`, `dropout`, `is_causal`, `sliding_window`, `softcap`, ...). We register sdpa's
 mask builder under our key, so the mask is None (plain causal, or no mask) or a 4-D boolean mask, and
 `attention_forward` recognises in it what the kernel does natively: causal or bidirectional attention, a
-sliding window, and padding as a key range per sequence (left or right, as `generate` pads). Keys and values of
-grouped-query attention go to the kernel as they are; `softcap` and the window come from the call's kwargs; a
-packed batch described by FlashAttention's `cu_seq_lens_q/k` kwargs runs the varlen kernel.
+sliding window, padding as a key range per sequence (left or right, as `generate` pads), and sequences packed in
+rows (position ids that restart) as varlen sequences. Keys and values of grouped-query attention go to the
+kernel as they are; `softcap` and the window come from the call's kwargs; a packed batch described by
+FlashAttention's `cu_seq_lens_q/k` kwargs runs the varlen kernel directly.
 
 Anything else (another mask, attention dropout, returned attention weights, position biases, attention sinks,
 head sizes over 128) runs the implementation the model used before patching (eager for Gemma 2, whose softcap
@@ -57,13 +58,16 @@ def _original_implementation(config) -> str | None:
 # ----------------------------------------------------------------------------- what the kernel runs
 @dataclass(frozen=True)
 class _Plan:
-    """One kernel call: the mask as FlashAttention defines it, and padding as per-sequence key ranges."""
+    """One kernel call: the mask as FlashAttention defines it, padding as per-sequence key ranges, and several
+    sequences packed in each row as varlen sequences."""
 
     causal: bool
     window: tuple[int, int] = (-1, -1)
     kv_start: torch.Tensor | None = None  # (B,) int32
     kv_end: torch.Tensor | None = None
     keys: int | None = None  # use only the first `keys` keys (the rest are never seen)
+    cu_seqlens: torch.Tensor | None = None  # packed rows: (S + 1,) int32 starts of the sequences in B·T rows
+    max_seqlen: int = 0
 
 
 def _window_candidates(causal: bool, sliding_window: int | None) -> list[tuple[int, int]]:
@@ -125,7 +129,33 @@ def _plan_for_mask(mask: torch.Tensor, t_q: int, t_k: int, causal: bool,
                     padded = bool(((start > 0) | (end < keys)).any())
                     return _Plan(is_causal, window, start.to(torch.int32) if padded else None,
                                  end.to(torch.int32) if padded else None, keys if keys < t_k else None)
-    return "an attention mask that is not causal or bidirectional attention with padding (and a sliding window)"
+    packed = _packed_plan(seen, t_q, t_k, causal, sliding_window)
+    if packed is not None:
+        return packed
+    return ("an attention mask that is not causal or bidirectional attention with padding or packed sequences (and "
+            "a sliding window)")
+
+
+def _packed_plan(seen: torch.Tensor, t_q: int, t_k: int, causal: bool, sliding_window: int | None) -> _Plan | None:
+    """Several sequences packed in each row (transformers' mask for position ids that restart, as
+    DataCollatorWithFlattening makes): a block-diagonal mask, each block causal or bidirectional (and windowed).
+    A sequence starts where a query does not see the key before it."""
+    if t_q != t_k or t_q < 2:
+        return None
+    rows = torch.arange(1, t_q, device=seen.device)
+    starts = torch.ones(seen.shape[:2], dtype=torch.bool, device=seen.device)  # (B', T)
+    starts[:, 1:] = ~seen[:, rows, rows - 1]
+    if not bool(starts[:, 1:].any()):
+        return None  # one sequence per row: not packed
+    segment = starts.cumsum(1)  # (B', T) the sequence of each position
+    same = segment[:, :, None] == segment[:, None, :]
+    for is_causal in (causal, not causal):
+        for window in _window_candidates(is_causal, sliding_window):
+            if torch.equal(same & attention.visible(t_q, t_k, is_causal, window, device=seen.device)[None], seen):
+                first = starts.flatten().nonzero().flatten()  # rows of B'·T where a sequence starts
+                cu = torch.cat([first, first.new_tensor([starts.numel()])]).to(torch.int32)
+                return _Plan(is_causal, window, cu_seqlens=cu, max_seqlen=int((cu[1:] - cu[:-1]).max()))
+    return None
 
 
 class _PlanCache:
@@ -199,6 +229,8 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     plan = _plan(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     if isinstance(plan, str):
         return _fallback(plan, module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if plan.cu_seqlens is not None:
+        return _packed(query, key, value, plan, scaling, softcap)
     if plan.keys is not None:
         key, value = key[:, :, :plan.keys], value[:, :, :plan.keys]
     kv_start, kv_end = plan.kv_start, plan.kv_end
@@ -207,6 +239,20 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     out = attention.flash_attention(query, key, value, causal=plan.causal, sm_scale=scaling, window=plan.window,
                                     softcap=softcap, kv_start=kv_start, kv_end=kv_end)
     return out.transpose(1, 2), None  # (B, T_Q, H, D)
+
+
+def _packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: _Plan, scaling: float | None,
+            softcap: float) -> tuple[torch.Tensor, None]:
+    """Rows of packed sequences as one varlen batch: (B, H, T, D) -> (B·T, H, D) rows (a view where the usual
+    (B, T, H, D) memory allows), and back."""
+    b, h, t, d = query.shape
+    cu, longest = plan.cu_seqlens, plan.max_seqlen
+    if cu[-1] != b * t:  # a mask shared by the batch: the same sequences in every row
+        cu = torch.cat([cu[:-1] + i * t for i in range(b)] + [cu[-1:] * b])
+    rows = lambda x: x.transpose(1, 2).reshape(b * t, x.shape[1], d)
+    out = attention.flash_attention_varlen(rows(query), rows(key), rows(value), cu, cu, longest, longest,
+                                           plan.causal, sm_scale=scaling, window=plan.window, softcap=softcap)
+    return out.view(b, t, h, d), None
 
 
 def _varlen(module, query, key, value, attention_mask, dropout, scaling, is_causal, softcap, kwargs):

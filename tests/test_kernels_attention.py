@@ -506,19 +506,19 @@ def test_tanh_is_accurate_in_float32():
 
 # ----------------------------------------------------------------------------- ops, compile, bad inputs
 def test_opcheck():
-    q = torch.randn(2, 4, 17, 16, requires_grad=True)
-    k, v = (torch.randn(2, 2, 17, 16, requires_grad=True) for _ in range(2))
-    start, end = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([17, 17], dtype=torch.int32)
+    q = torch.randn(2, 2, 9, 16, requires_grad=True)
+    k, v = (torch.randn(2, 1, 9, 16, requires_grad=True) for _ in range(2))
+    start, end = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([9, 9], dtype=torch.int32)
     for kv in ((None, None), (start, end)):
         args = (q, k, v, *kv, True, 0.25, 5, -1, 30.0)
         torch.library.opcheck(fa._flash_attn_fwd, args)
         o, lse = fa._flash_attn_fwd(*args)
         torch.library.opcheck(fa._flash_attn_bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(),
                                                    o.detach(), lse, *args[3:]))
-    packed = torch.randn(12, 4, 16, requires_grad=True)
-    kv = torch.randn(15, 2, 16, requires_grad=True)
-    cu_q, cu_k = torch.tensor([0, 5, 12], dtype=torch.int32), torch.tensor([0, 9, 15], dtype=torch.int32)
-    args = (packed, kv, kv, cu_q, cu_k, 7, 9, True, 0.25, 3, -1, 0.0)
+    packed = torch.randn(8, 2, 16, requires_grad=True)
+    kv = torch.randn(10, 1, 16, requires_grad=True)
+    cu_q, cu_k = torch.tensor([0, 3, 8], dtype=torch.int32), torch.tensor([0, 6, 10], dtype=torch.int32)
+    args = (packed, kv, kv, cu_q, cu_k, 5, 6, True, 0.25, 3, -1, 0.0)
     torch.library.opcheck(fa._flash_attn_varlen_fwd, args)
     o, lse = fa._flash_attn_varlen_fwd(*args)
     torch.library.opcheck(fa._flash_attn_varlen_bwd, (torch.randn_like(o), packed.detach(), kv.detach(), kv.detach(),

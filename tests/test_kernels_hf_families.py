@@ -337,3 +337,21 @@ def test_masks_without_a_kernel_say_why():
     assert "per head" in hf_attention._plan_for_mask(seen.expand(1, 2, 6, 6), 6, 6, True, None)
     plain = torch.zeros(1, 1, 6, 6).masked_fill(~seen, torch.finfo(torch.float32).min)  # eager's additive form
     assert hf_attention._plan_for_mask(plain, 6, 6, True, None).kv_start is None  # plain causal: no ranges
+
+
+def test_packed_sequences_from_position_ids():
+    """Sequences packed in rows with restarting position ids (DataCollatorWithFlattening's default output, no
+    cu_seq_lens): transformers' block-diagonal mask runs the varlen kernel, each sequence on its own."""
+    model, patched, _ = build("mistral")  # sliding window 5: the window applies inside each sequence
+    gen = torch.Generator().manual_seed(5)
+    rows = [[3, 7, 5], [9, 6]]
+    seqs = [[torch.randint(1, VOCAB, (1, n), generator=gen) for n in row] for row in rows]
+    ids = torch.cat([torch.cat(row, dim=1) for row in seqs])
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in rows])
+    utils.reset_dispatch_counts()
+    with torch.no_grad(), NoFallback():
+        got = patched(ids, position_ids=position_ids, use_cache=False).logits
+    assert utils.dispatch_counts()[("flash_attn_varlen_fwd", "interpreter")] == LAYERS
+    with torch.no_grad():
+        expected = torch.cat([torch.cat([model(s).logits for s in row], dim=1) for row in seqs])
+    assert_rel_close(got, expected, 1e-5, "packed logits")
