@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from gpt_core.batches import DataConfig, TrainingData, open_training_data
+from gpt_core.batches import DataConfig, DataError, TrainingData, open_training_data
 from gpt_core.checkpoint import load_checkpoint, load_config, resolve_checkpoint, save_checkpoint
 from gpt_core.cli import HelpFormatter
 from gpt_core.config import GPTConfig
@@ -181,6 +181,12 @@ class RunConfig:
     @property
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
+
+    def check_split(self, n: int, unit: str) -> None:
+        """Every micro-batch must split evenly over the run's `n` processes or devices."""
+        if self.micro_batch % n:
+            raise ValueError(f"the micro-batch ({self.batch_size} / grad-accum {self.grad_accum} = "
+                             f"{self.micro_batch}) does not split evenly over {n} {unit}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, steps: int) -> RunConfig:
@@ -399,7 +405,17 @@ class Backend(Protocol):
 def run_training(backend: Backend, config: GPTConfig, data: TrainingData, run: RunConfig, opt: OptimizerConfig,
                  resume: TrainingCheckpoint | None, args_record: dict[str, Any]) -> int:
     """Train from `resume`'s step (or 0) to `run.steps` (or `run.stop_after` steps sooner); checkpoint at the
-    end, every `ckpt_every` steps and on Ctrl-C. Returns the exit status: 0, or 130 when interrupted."""
+    end, every `ckpt_every` steps and on Ctrl-C. Returns the exit status: 0, 130 when interrupted, 2 on bad data
+    (token ids the model cannot embed: the error names the file)."""
+    try:
+        return _run_training(backend, config, data, run, opt, resume, args_record)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_training(backend: Backend, config: GPTConfig, data: TrainingData, run: RunConfig, opt: OptimizerConfig,
+                  resume: TrainingCheckpoint | None, args_record: dict[str, Any]) -> int:
     from tqdm import tqdm
 
     start = 0

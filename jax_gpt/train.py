@@ -21,7 +21,6 @@ from functools import partial
 
 import numpy as np
 
-from gpt_core.batches import DataError
 from gpt_core.training import (
     OptimizerConfig,
     StepResult,
@@ -83,18 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         join_job(args)
         config, data, run, opt, resume = prepare_run(args)
         mesh = make_mesh(args.devices)
-        if run.micro_batch % mesh.size:
-            raise ValueError(f"the micro-batch ({args.batch_size} / grad-accum {args.grad_accum} = "
-                             f"{run.micro_batch}) does not split evenly over {mesh.size} devices")
+        run.check_split(mesh.size, "devices")
         backend = JaxBackend(args, config, opt, mesh, resume)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        return run_training(backend, config, data, run, opt, resume, args_record(args))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_training(backend, config, data, run, opt, resume, args_record(args))
 
 
 def make_mesh(n: int | None):

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gpt_core.batches import DataError
 from gpt_core.training import (
     OptimizerConfig,
     StepResult,
@@ -245,17 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config, data, run, opt, resume = prepare_run(args)
             backend = TorchBackend(args, config, opt, resume)
-            if run.micro_batch % backend.world:
-                raise ValueError(f"the micro-batch ({args.batch_size} / grad-accum {args.grad_accum} = "
-                                 f"{run.micro_batch}) does not split evenly over {backend.world} processes")
+            run.check_split(backend.world, "processes")
         except (ValueError, FileNotFoundError, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        try:
-            return run_training(backend, config, data, run, opt, resume, args_record(args))
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        return run_training(backend, config, data, run, opt, resume, args_record(args))
     finally:
         if backend is not None:
             backend.close()
