@@ -10,10 +10,15 @@ Past the context (torch_gpt's rule, nanoGPT's): the model conditions on at most 
 tokens; with it, once the cache is full the window is prefilled again into a fresh cache (positions
 shift, so old keys cannot be reused), so cached and uncached generation always agree, and only steps
 past the context lose the cache's speed. The cache holds min(context_length, prompt + new tokens) slots.
+
+Prompts of different lengths go in one batch left-padded (right-aligned), as transformers pads them: each row's
+positions count from its first real token and its padding is masked (KVCache.start), so each gets the tokens it
+gets alone. The prompt is checked on the host (gpt_core.generation.pad_prompts) before anything is traced.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -21,8 +26,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from gpt_core.generation import check_sampling_args
-from jax_gpt.model import GPTModel, KVCache, check_ids
+from gpt_core.generation import check_sampling_args, pad_prompts
+from jax_gpt.model import GPTModel, KVCache
 
 
 def sample_next(logits: jax.Array, temperature: float | jax.Array, top_k: int | None,
@@ -47,10 +52,16 @@ def sample_next(logits: jax.Array, temperature: float | jax.Array, top_k: int | 
     return jax.random.categorical(key, logits, axis=-1)
 
 
-def generate(model: GPTModel, idx: jax.Array, max_new_tokens: int, temperature: float = 0.0,
+def generate(model: GPTModel, idx: jax.Array | Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             key: jax.Array | None = None, *, use_cache: bool = True) -> jax.Array:
-    """Continue (B, T) token ids by up to `max_new_tokens`; returns (B, T + n) int32.
+             key: jax.Array | None = None, *, use_cache: bool = True, lengths: Sequence[int] | None = None,
+             pad_id: int = 0) -> jax.Array:
+    """Continue prompts by up to `max_new_tokens`; returns (B, T + n) int32: the T prompt columns (padding as
+    `pad_id`), then the new tokens.
+
+    `idx`: (B, T) token ids; or a list of id lists of different lengths, left-padded with `pad_id` to the longest
+    (T); or a (B, T) array left-padded already, with `lengths` (B,) saying how many of each row's last columns
+    are its prompt. Each row then gets the tokens it gets alone.
 
     Greedy at temperature 0, else sampling with optional top-k and nucleus (top-p) filtering, drawn
     from `key` (a `jax.random.key`, required then). With `eos_id`, a sequence that produced it is
@@ -62,13 +73,17 @@ def generate(model: GPTModel, idx: jax.Array, max_new_tokens: int, temperature: 
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a key, e.g. key=jax.random.key(0)")
-    check_ids(idx, model.config.vocab_size)
-    idx = jnp.asarray(idx, jnp.int32)
+    if isinstance(idx, jax.core.Tracer):
+        raise ValueError("generate takes concrete prompts (it checks them on the host and jits itself)")
+    padded, lens = pad_prompts(idx, model.config.vocab_size, lengths=lengths, pad_id=pad_id)
+    idx = jnp.asarray(padded, jnp.int32)
     if max_new_tokens == 0:
         return idx
+    T = idx.shape[1]
+    start = None if min(lens) == T else jnp.asarray([T - n for n in lens], jnp.int32)  # None: one program less
     greedy = temperature == 0.0
     graphdef, state = nnx.split(model)
-    out, n = _generate(graphdef, state, idx, None if greedy else key,
+    out, n = _generate(graphdef, state, idx, start, None if greedy else key,
                        None if greedy else jnp.float32(temperature),
                        None if greedy or top_p is None or top_p == 1.0 else jnp.float32(top_p),
                        max_new_tokens=max_new_tokens, top_k=None if greedy else top_k, eos_id=eos_id,
@@ -82,7 +97,8 @@ def generate(model: GPTModel, idx: jax.Array, max_new_tokens: int, temperature: 
 # analysis; with it the cache is updated in place. Other backends ignore the option.
 @partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "top_k", "eos_id", "use_cache"),
          compiler_options={"xla_cpu_copy_insertion_use_region_analysis": True})
-def _generate(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array, key: jax.Array | None,
+def _generate(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array, start: jax.Array | None,
+              key: jax.Array | None,
               temperature: jax.Array | None, top_p: jax.Array | None, *, max_new_tokens: int,
               top_k: int | None, eos_id: int | None, use_cache: bool) -> tuple[jax.Array, jax.Array]:
     """(B, T0 + max_new_tokens) ids, eos_id (or 0) past the n generated, and n."""
@@ -96,9 +112,12 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array, key: jax
         step_key = None if key is None else jax.random.fold_in(key, i)
         return sample_next(logits, 0.0 if temperature is None else temperature, top_k, top_p, step_key)
 
-    def prefill(window: jax.Array) -> tuple[jax.Array, KVCache]:  # (B, t) from position 0 of a fresh cache
-        fresh = KVCache.create(config, B, width, dtype=model.dtype, stacked=model.scan_layers)
-        logits, cache = model(window, cache=fresh)
+    def fresh(lo: jax.Array | int) -> KVCache:  # for a window from column lo: each row's padding shifts by lo
+        first = None if start is None else jnp.maximum(start - lo, 0)
+        return KVCache.create(config, B, width, dtype=model.dtype, stacked=model.scan_layers, start=first)
+
+    def prefill(window: jax.Array, lo: jax.Array | int) -> tuple[jax.Array, KVCache]:  # (B, t), a fresh cache
+        logits, cache = model(window, cache=fresh(lo))
         return logits[:, -1], cache  # (B, V)
 
     def decode(out: jax.Array, cur: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
@@ -106,18 +125,20 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array, key: jax
         return logits[:, -1], cache  # (B, V)
 
     def refill(out: jax.Array, cur: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-        return prefill(lax.dynamic_slice_in_dim(out, cur - ctx, ctx, axis=1))  # the cache is full
+        return prefill(lax.dynamic_slice_in_dim(out, cur - ctx, ctx, axis=1), cur - ctx)  # the cache is full
 
     def uncached(out: jax.Array, cur: jax.Array) -> jax.Array:  # logits (B, V) at position cur - 1
-        start = jnp.maximum(cur - width, 0)
-        logits = model(lax.dynamic_slice_in_dim(out, start, width, axis=1))  # (B, width, V)
+        lo = jnp.maximum(cur - width, 0)
+        window = lax.dynamic_slice_in_dim(out, lo, width, axis=1)
+        # A fresh cache only for the padding mask, when there is padding: everything is recomputed anyway.
+        logits = model(window) if start is None else model(window, cache=fresh(lo))[0]  # (B, width, V)
         # Causal: the not-yet-generated filler after cur - 1 changes nothing before it.
-        return lax.dynamic_index_in_dim(logits, cur - 1 - start, axis=1, keepdims=False)
+        return lax.dynamic_index_in_dim(logits, cur - 1 - lo, axis=1, keepdims=False)
 
     # Step 0: condition on the last <= ctx prompt tokens.
     cache = None
     if use_cache:
-        logits, cache = prefill(idx[:, -ctx:])
+        logits, cache = prefill(idx[:, -ctx:], max(T0 - ctx, 0))
     else:
         logits = uncached(out, jnp.int32(T0))
     nxt = sample(logits, 0)  # (B,)

@@ -46,22 +46,28 @@ class KVCache:
     A pytree, so it crosses `jax.jit` and `lax` loops. torch_gpt's cache is written in place; this one is
     immutable: the model returns an updated copy, with `pos` advanced after its last layer. An unrolled model
     keeps one array per layer rather than one stack: slicing a layer out of a stack defeats XLA's in-place update.
+    `start`, (B,) int32 or None (all 0): each row's first real slot, for a batch of prompts of different lengths
+    left-padded (right-aligned, as transformers pads them); row b's positions count from it, and its keys before it
+    are never seen.
     """
 
     k: tuple[jax.Array, ...] | jax.Array  # L × (B, nh, max_len, hs), or (L, B, nh, max_len, hs)
     v: tuple[jax.Array, ...] | jax.Array
     pos: jax.Array | int  # () int32: positions filled so far; a Python 0 while it is fresh
+    start: jax.Array | None = None  # (B,) int32
 
     @classmethod
     def create(cls, config: GPTConfig, batch_size: int, max_len: int, *, dtype=jnp.float32,
-               stacked: bool = False) -> KVCache:
+               stacked: bool = False, start: jax.Array | None = None) -> KVCache:
         if max_len > config.context_length:
             raise ValueError(f"KV cache max_len {max_len} exceeds context_length {config.context_length}")
         shape = (batch_size, config.n_heads, max_len, config.head_dim)
+        start = None if start is None else jnp.asarray(start, jnp.int32)
         if stacked:
-            return cls(jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype), 0)
+            k, v = jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype)
+            return cls(k, v, 0, start)
         k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers)) for _ in range(2))
-        return cls(k, v, 0)
+        return cls(k, v, 0, start)
 
     @property
     def stacked(self) -> bool:
@@ -99,25 +105,35 @@ def causal_mask(t: int, s: int) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, impl: str, dropout: nnx.Dropout | None,
-              past: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+              past: tuple[jax.Array, jax.Array, jax.Array] | None = None, start: jax.Array | None = None) -> jax.Array:
     """Causal attention of (B, nh, T, hs) queries over their own (B, nh, T, hs) keys/values and, given
     `past` = (keys, values, n), over the first n positions of a cache's (B, nh, S, hs) keys/values too.
+    `start` (B,): each row's first real position (left padding, counted from the cache's slot 0); no query sees a
+    key before it, and a padding query sees itself only (no row of -inf).
 
-    "xla" and "cudnn" take plain causal self-attention. The math path takes the rest: attention dropout,
-    which `jax.nn.dot_product_attention` lacks, and a cache, whose every slot it would mask and whose
-    (B, S, nh, hs) layout XLA would transpose whole at each step.
+    "xla" takes plain causal self-attention, padded or not, "cudnn" unpadded. The math path takes the rest:
+    attention dropout, which `jax.nn.dot_product_attention` lacks, and a cache, whose every slot it would mask
+    and whose (B, S, nh, hs) layout XLA would transpose whole at each step.
     """
-    if impl in ("xla", "cudnn") and past is None and dropout is None:
+    t = q.shape[2]
+    pad = None
+    if start is not None:
+        real = ((0 if past is None else past[2]) + jnp.arange(t))[None, :] >= start[:, None]  # (B, T) of these keys
+        pad = (real[:, None, :] | jnp.eye(t, dtype=bool))[:, None]  # (B, 1, T, T)
+    if impl in ("xla", "cudnn") and past is None and dropout is None and (pad is None or impl == "xla"):
         q, k, v = (x.swapaxes(1, 2) for x in (q, k, v))  # (B, T, nh, hs), the layout it takes
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl).swapaxes(1, 2)
+        return jax.nn.dot_product_attention(q, k, v, mask=pad, is_causal=True, implementation=impl).swapaxes(1, 2)
     # "math": the readable reference, masked softmax with float32 scores and statistics.
-    t, scale = q.shape[2], 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1])
     att = jnp.einsum("BNTH,BNUH->BNTU", q, k, preferred_element_type=jnp.float32) * scale  # (B, nh, T, T)
-    att = jnp.where(causal_mask(t, t), att, -jnp.inf)
-    if past is not None:  # the cache's first n positions precede these T, and all of them are visible
+    att = jnp.where(causal_mask(t, t) if pad is None else causal_mask(t, t) & pad, att, -jnp.inf)
+    if past is not None:  # the cache's first n positions precede these T, and all of them (from start) are visible
         k_past, v_past, n = past
         att_past = jnp.einsum("BNTH,BNSH->BNTS", q, k_past, preferred_element_type=jnp.float32) * scale
-        att_past = jnp.where(jnp.arange(k_past.shape[2]) < n, att_past, -jnp.inf)  # (B, nh, T, S)
+        seen = jnp.arange(k_past.shape[2]) < n  # (S,)
+        if start is not None:
+            seen = (seen & (jnp.arange(k_past.shape[2]) >= start[:, None]))[:, None, None, :]  # (B, 1, 1, S)
+        att_past = jnp.where(seen, att_past, -jnp.inf)  # (B, nh, T, S)
         att = jnp.concatenate([att_past, att], axis=-1)  # (B, nh, T, S + T)
     att = jax.nn.softmax(att, axis=-1).astype(q.dtype)
     if dropout is not None:
@@ -171,13 +187,14 @@ class CausalSelfAttention(nnx.Module):
         q = q.reshape(B, T, self.n_heads, C // self.n_heads).swapaxes(1, 2)  # (B, nh, T, hs)
         k = k.reshape(B, T, self.n_heads, C // self.n_heads).swapaxes(1, 2)  # (B, nh, T, hs)
         v = v.reshape(B, T, self.n_heads, C // self.n_heads).swapaxes(1, 2)  # (B, nh, T, hs)
-        past = None
+        past = start = None
         if cache is not None:
             if not (isinstance(cache.pos, int) and cache.pos == 0):  # a fresh cache holds no past
                 past = (*cache.layer(layer), cache.pos)  # (B, nh, S, hs) × 2, as earlier calls left them
+            start = cache.start
             cache = cache.update(layer, k, v)
         dropout = None if deterministic or self.drop_rate == 0 else self.attn_dropout
-        y = attention(q, k, v, self.attn_impl, dropout, past)  # (B, nh, T, hs)
+        y = attention(q, k, v, self.attn_impl, dropout, past, start)  # (B, nh, T, hs)
         y = y.swapaxes(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y), deterministic=deterministic), cache
 
@@ -291,6 +308,8 @@ class GPTModel(nnx.Module):
         B, T = self._check_input(idx, cache)
         start = 0 if cache is None else cache.pos
         pos = start + jnp.arange(T)  # (T,)
+        if cache is not None and cache.start is not None:  # left padding: positions from each row's first token
+            pos = jnp.maximum(pos[None, :] - cache.start[:, None], 0)  # (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos), deterministic=deterministic)  # (B, T, C)
         x, cache = self._run_blocks(x, cache, deterministic)  # (B, T, C)
         x = self.ln_f(x)  # (B, T, C)
@@ -397,10 +416,10 @@ def check_ids(idx: jax.Array, vocab_size: int) -> None:
         raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
     if not isinstance(idx, jax.core.Tracer) and idx.size:
         a = np.asarray(idx)
-        lo, hi = int(a.min()), int(a.max())
-        if lo < 0 or hi >= vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside [0, {vocab_size})")
+        bad = np.argwhere((a < 0) | (a >= vocab_size))
+        if len(bad):
+            row, col = bad[0]
+            raise ValueError(f"token id {int(a[row, col])} is outside [0, {vocab_size}) (row {row}, position {col})")
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:

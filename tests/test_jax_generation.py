@@ -1,5 +1,6 @@
-"""jax_gpt.generate: one compilation for N tokens, cache/no-cache agreement, sampling, eos, the CLI.
-Token-for-token agreement with torch_gpt.generate is in test_jax_parity.py."""
+"""jax_gpt.generate: one compilation for N tokens, cache/no-cache agreement, prompts of different lengths in one
+batch, sampling, eos, the CLI. Token-for-token agreement with torch_gpt.generate is in test_jax_parity.py (and, for a
+batch of different lengths, below)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,50 @@ def test_scanned_model_generates_the_same(model):
     np.testing.assert_array_equal(out, generate(model, prompt, CTX))
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_prompts_of_different_lengths_get_what_they_get_alone(model, use_cache):
+    """Left-padded in one batch, each prompt gets its greedy tokens alone, past the context too (the window slides,
+    each row's padding with it: 10 + 60 > CTX)."""
+    prompts = [random_ids((n,), seed=20 + n).tolist() for n in (3, 10, 1)]
+    out = np.asarray(generate(model, prompts, 60, use_cache=use_cache))
+    assert out.shape == (3, 70)
+    for b, p in enumerate(prompts):
+        alone = np.asarray(generate(model, np.array([p]), 60))
+        np.testing.assert_array_equal(out[b, 10 - len(p):10], p)
+        np.testing.assert_array_equal(out[b, 10:], alone[0, len(p):], err_msg=f"prompt {b} ({len(p)} tokens)")
+
+
+def test_padded_prompts_match_torch_gpt(model):
+    """The same batch of different lengths, the same tokens as torch_gpt's (its padded path), scanned or not."""
+    import torch_gpt
+
+    reference = torch_gpt.GPTModel(model.config).eval()
+    reference.load_canonical_state(model.canonical_state())
+    prompts = [random_ids((n,), seed=30 + n).tolist() for n in (7, 2)]
+    padded = np.zeros((2, 7), np.int32) + 5  # whatever is in the padding is never read
+    padded[0], padded[1, 5:] = prompts[0], prompts[1]
+    expected = torch_gpt.generate(reference, prompts, 12).numpy()
+    np.testing.assert_array_equal(generate(model, padded, 12, lengths=[7, 2]), expected)
+    scanned = GPTModel(model.config, rngs=nnx.Rngs(0), scan_layers=True)
+    scanned.load_canonical_state(model.canonical_state())
+    np.testing.assert_array_equal(generate(scanned, prompts, 12), expected)
+
+
+@pytest.mark.parametrize("prompt, kw, match", [
+    ([[1, 2], [3, VOCAB, 4]], {}, rf"token id {VOCAB} is outside \[0, {VOCAB}\) \(prompt 1, position 1\)"),
+    (np.array([[1, 2, 3], [4, -5, 6]]), {}, r"token id -5 is outside .* \(row 1, position 1\)"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    (np.zeros((2, 0), np.int32), {}, "holds no tokens"),
+    (np.zeros((2, 3), np.int32), {"lengths": [3, 4]}, r"prompt 1 has length 4: lengths must be in \[1, 3\]"),
+    (np.zeros((2, 3), np.int32), {"lengths": [3]}, "1 lengths for a batch of 2"),
+])
+def test_bad_prompts_are_refused_on_the_host(model, prompt, kw, match):
+    with CompileCounter("_generate") as compiles:
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompt, 3, **kw)
+    assert compiles.count == 0
+
+
 def test_sampling_is_reproducible_and_narrow_filters_give_greedy(model):
     prompt = random_ids((2, 10), seed=4)
     a = generate(model, prompt, 12, temperature=1.0, key=jax.random.key(0))
@@ -133,7 +178,14 @@ def test_cli(tmp_path, capsys, monkeypatch):  # in this process: runpy, as `pyth
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("jax_gpt.generate", run_name="__main__")
     assert exit_info.value.code == 0
-    assert capsys.readouterr().out.startswith("Hello")
+    single = capsys.readouterr().out
+    assert single.startswith("Hello")
+    monkeypatch.setattr(sys, "argv", argv + ["--prompt", "A longer second prompt"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("jax_gpt.generate", run_name="__main__")
+    assert exit_info.value.code == 0
+    first, second = capsys.readouterr().out.split("\n---\n")
+    assert first == single.rstrip("\n") and second.startswith("A longer second prompt")
     monkeypatch.setattr(sys, "argv", argv + ["--temperature", "-1"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("jax_gpt.generate", run_name="__main__")

@@ -1,11 +1,16 @@
+"""torch_gpt.generate: the static-cache path against the plain forward (today's reference), batches of prompts of
+different lengths, torch.compile (one compilation, reused), eos, bad prompts, the CLI."""
+
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from gpt_core import GPTConfig
-from torch_gpt import GPTModel, generate
+from torch_gpt import GPTModel, KVCache, generate
+from torch_gpt.generation import compiled_graphs
 
 CFG = GPTConfig(vocab_size=157, context_length=32, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.1)
 
@@ -60,17 +65,20 @@ def test_sampling_is_seeded_and_filtered(model):
     assert torch.equal(run(5, top_k=5, use_cache=True), run(5, top_k=5, use_cache=False))
 
 
-def test_eos_pads_and_stops(model):
-    prompt = torch.randint(0, CFG.vocab_size, (2, 4))
-    greedy = generate(model, prompt, 10)
-    eos = int(greedy[0, 6])  # the third token sequence 0 produces
-    out = generate(model, prompt, 10, eos_id=eos)
-    assert (out[0, 6:] == eos).all()
-    first_eos_1 = [t for t in range(4, out.shape[1]) if out[1, t] == eos]
-    if first_eos_1:
-        assert (out[1, first_eos_1[0]:] == eos).all()
-    else:
-        assert out.shape[1] == 14
+@pytest.mark.parametrize("every", [1, 3, 8])
+def test_eos_pads_and_stops(model, every):
+    """The rule: after a row's eos, eos; stop once every row has one. Checked on the host every `every` tokens, the
+    output trimmed to the step where the last row finished, so the result does not depend on `every`."""
+    prompt = torch.randint(0, CFG.vocab_size, (3, 4), generator=torch.Generator().manual_seed(7))
+    free = generate(model, prompt, 16)
+    eos = int(free[1, 4 + 2])  # the third token row 1 produces
+    expected, stops = free.clone(), []
+    for row in expected:
+        hits = (row[4:] == eos).nonzero()
+        stops.append(4 + int(hits[0]) + 1 if len(hits) else row.numel())
+        row[stops[-1]:] = eos
+    out = generate(model, prompt, 16, eos_id=eos, eos_check_every=every)
+    assert torch.equal(out, expected[:, :max(stops)])
 
 
 @pytest.mark.parametrize("kw, match", [({"temperature": -1}, "temperature"), ({"top_k": 0}, "top_k"),
@@ -81,6 +89,105 @@ def test_bad_sampling_arguments(model, kw, match):
         generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
 
 
+def test_the_static_cache_continues_the_forward(model):
+    """Prefill then one-token steps through a KVCache give the logits of the whole sequence at once."""
+    model.eval()
+    ids = torch.randint(0, CFG.vocab_size, (2, 9))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache(CFG, 2, 12)
+        parts = [model(ids[:, :6], cache)] + [model(ids[:, t:t + 1], cache) for t in range(6, 9)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache.pos) == 9
+    with pytest.raises(ValueError, match="does not fit the context of 12"):
+        model(ids[:, :4], cache)  # 9 cached + 4 > 12 (a CPU cache: its fill level is read without a sync)
+    with pytest.raises(ValueError, match="batch of 3 does not match"):
+        model(torch.zeros(3, 1, dtype=torch.long), cache)
+    model.train()
+
+
+def prompts_of(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CFG.vocab_size, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("impl", ["math", "sdpa"])
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
+def test_prompts_of_different_lengths_get_what_they_get_alone(model, impl, use_cache):
+    """Left-padded in one batch, each prompt gets exactly its greedy tokens alone (the uncached forward, today's
+    reference), past the context too (9 + 30 > 32: the window slides, each row's padding with it)."""
+    model.attn_impl = impl
+    prompts = prompts_of([3, 9, 1, 6])
+    out = generate(model, prompts, 30, use_cache=use_cache)
+    assert out.shape == (4, 39)
+    for b, p in enumerate(prompts):
+        alone = generate(model, torch.tensor([p]), 30, use_cache=False)
+        assert torch.equal(out[b, 9 - len(p):9], torch.tensor(p)) and (out[b, :9 - len(p)] == 0).all()
+        assert torch.equal(out[b, 9:], alone[0, len(p):]), f"prompt {b} ({len(p)} tokens)"
+    assert model.training
+
+
+def test_a_padded_tensor_with_lengths_is_the_same_batch(model):
+    prompts = prompts_of([5, 2, 4], seed=1)
+    padded = torch.full((3, 5), 150)  # whatever is in the padding is never read
+    for b, p in enumerate(prompts):
+        padded[b, 5 - len(p):] = torch.tensor(p)
+    from_list = generate(model, prompts, 8)
+    assert torch.equal(generate(model, padded, 8, lengths=[5, 2, 4]), from_list)
+    assert torch.equal(generate(model, padded, 8, lengths=torch.tensor([5, 2, 4])), from_list)
+    sampled = [generate(model, x, 8, temperature=1.0, top_k=20, generator=torch.Generator().manual_seed(3), **kw)
+               for x, kw in ((prompts, {}), (padded, {"lengths": [5, 2, 4]}))]
+    assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("prompt, kw, match", [
+    ([[1, 2], [3, 157, 4]], {}, r"token id 157 is outside \[0, 157\) \(prompt 1, position 1\)"),
+    ([[1, -2]], {}, r"token id -2 is outside \[0, 157\) \(prompt 0, position 1\)"),
+    (torch.tensor([[1, 2, 3], [4, 5, 200]]), {}, r"token id 200 is outside \[0, 157\) \(row 1, position 2\)"),
+    (torch.tensor([[-1, 2, 3], [-1, -1, 9]]), {"lengths": [2, 2]}, r"token id -1 is outside .* \(row 1, position 1\)"),
+    ([[1, 2], []], {}, "prompt 1 is empty"),
+    ([], {}, "no prompts"),
+    (torch.zeros(2, 0, dtype=torch.long), {}, "holds no tokens"),
+    (torch.zeros(2, 3, dtype=torch.long), {"lengths": [3]}, "1 lengths for a batch of 2"),
+    (torch.zeros(2, 3, dtype=torch.long), {"lengths": [3, 4]}, r"prompt 1 has length 4: lengths must be in \[1, 3\]"),
+    (torch.zeros(2, 3, dtype=torch.long), {"lengths": [0, 3]}, "prompt 0 has length 0"),
+    ([[1, 2]], {"lengths": [2]}, "lengths go with a padded"),
+    ([[1, 2.0]], {}, "token ids are integers"),
+    (torch.zeros(2, 3), {}, "integer token ids"),
+])
+def test_bad_prompts_are_refused_before_the_model_runs(model, prompt, kw, match):
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=match):
+            generate(model, prompt, 3, **kw)
+    finally:
+        hook.remove()
+    assert not calls
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager_and_compiles_once():
+    """compile=True: one prefill graph and one decode graph (dynamo's own count), reused by later calls of the same
+    batch size and cache length (new prompts, sampling, then prompts of different lengths); tokens equal eager's."""
+    torch.manual_seed(1)
+    m = GPTModel(GPTConfig(vocab_size=97, context_length=24, emb_dim=32, n_heads=2, n_layers=2)).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    before = compiled_graphs()
+    assert torch.equal(generate(m, prompt, 12, compile=True), generate(m, prompt, 12))
+    assert compiled_graphs() - before == 2  # prefill (B=2, T=5) and the decode step (B=2, 17 slots)
+    again = torch.randint(0, 97, (2, 5))
+    assert torch.equal(generate(m, again, 12, compile=True), generate(m, again, 12))
+    seeded = [generate(m, again, 12, temperature=1.0, top_p=0.9, compile=c, generator=torch.Generator().manual_seed(5))
+              for c in (True, False)]
+    assert torch.equal(*seeded)
+    assert compiled_graphs() - before == 2, "a later call of the same shapes recompiled"
+    for seed in (2, 3):  # padded to (2, 5): the same decode step; the prefill's padding mask is one more graph
+        ragged = [[t % 97 for t in p] for p in prompts_of([5, 2], seed)]
+        assert torch.equal(generate(m, ragged, 12, compile=True), generate(m, ragged, 12))
+        assert compiled_graphs() - before == 3
+
+
 def test_cli_prints_a_continuation(tmp_path):
     torch.manual_seed(0)
     GPTModel(GPTConfig.from_preset("tiny")).save_pretrained(tmp_path / "tiny")
@@ -89,6 +196,10 @@ def test_cli_prints_a_continuation(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Every effort moves you") and len(out.stdout) > len("Every effort moves you\n")
+    several = subprocess.run(cmd + ["--prompt", "Hello"], capture_output=True, text=True, timeout=120)
+    assert several.returncode == 0, several.stderr
+    first, second = several.stdout.split("\n---\n")
+    assert first == out.stdout.split("\n---\n")[0].rstrip("\n") and second.startswith("Hello")
     bad = subprocess.run(cmd[:4] + [str(tmp_path / "missing")] + cmd[5:], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
     helped = subprocess.run([sys.executable, "-m", "torch_gpt.generate", "--help"], capture_output=True, text=True)

@@ -1,17 +1,36 @@
 """Autoregressive generation with a static KV cache (the CLI is `python -m torch_gpt.generate`).
 
+Every step has fixed shapes: the cache holds min(context_length, prompt + new tokens) slots from the start, the
+position is a tensor, and attention runs over all slots under a mask (torch_gpt.model.KVCache). So a decode step
+is one graph, which `compile=True` hands to `torch.compile` once (with CUDA graphs on a GPU) and reuses for every
+token and every later call of the same batch size and cache length.
+
+Prompts of different lengths go in one batch left-padded (right-aligned), as transformers pads them: each row's
+positions count from its first real token and its padding is masked, so each gets the tokens it gets alone.
+
 Past the context: the model conditions on at most the last `context_length` tokens (nanoGPT's rule).
 Without the cache every step crops to that window; with the cache, once the cache is full the window
 is prefilled again (positions shift, so old keys cannot be reused), so cached and uncached generation
 always agree, and only steps past the context lose the cache's speed.
+
+What is checked where: the prompt's ids, lengths and shape here, before the model runs (one read-back of a GPU
+prompt, none per step); `eos_id` stopping reads one flag back every `eos_check_every` tokens, not every token.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Sequence
+
 import torch
 
-from gpt_core.generation import check_sampling_args
-from torch_gpt.model import GPTModel, KVCache
+from gpt_core.generation import check_lengths, check_sampling_args, pad_prompts
+from torch_gpt.model import GPTModel, KVCache, check_ids
+
+# torch.compile'd steps and their caches, per model: {(batch, slots, dtype, device): KVCache}, reused across calls
+# so the compiled graphs (and CUDA graphs, which read the buffers at fixed addresses) see the same tensors.
+_STATIC_CACHES: weakref.WeakKeyDictionary[GPTModel, dict] = weakref.WeakKeyDictionary()
+_COMPILED: dict[str, object] = {}
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -32,43 +51,160 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def prompt_batch(prompts: torch.Tensor | Sequence[Sequence[int]], vocab_size: int, *,
+                 lengths: Sequence[int] | torch.Tensor | None = None, device=None,
+                 pad_id: int = 0) -> tuple[torch.Tensor, list[int]]:
+    """(B, T) left-padded ids and the B prompt lengths, checked (gpt_core.generation.pad_prompts' rules): from a
+    list of id lists (padded with `pad_id`, put on `device`), or from a (B, T) tensor, left where it is, whose row
+    b holds its prompt in its last lengths[b] columns (all T without `lengths`; what is before becomes `pad_id`).
+    A tensor's ids are read back once (one synchronisation on a GPU), never per step."""
+    if not isinstance(prompts, torch.Tensor):
+        padded, lens = pad_prompts(prompts, vocab_size, lengths=lengths, pad_id=pad_id)
+        return torch.from_numpy(padded).to(device), lens
+    if prompts.dim() != 2:
+        raise ValueError(f"idx must be (batch, seq_len) token ids, got shape {tuple(prompts.shape)}")
+    if prompts.dtype.is_floating_point or prompts.dtype.is_complex or prompts.dtype == torch.bool:
+        raise ValueError(f"idx must hold integer token ids, got dtype {prompts.dtype}")
+    B, T = prompts.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"the prompt batch {tuple(prompts.shape)} holds no tokens (a prompt of length 0?)")
+    if lengths is None:
+        check_ids(prompts, vocab_size)
+        return prompts, [T] * B
+    lens = check_lengths(lengths.tolist() if isinstance(lengths, torch.Tensor) else lengths, B, T)
+    pads = torch.tensor([T - n for n in lens], device=prompts.device)
+    real = torch.arange(T, device=prompts.device)[None, :] >= pads[:, None]  # (B, T)
+    check_ids(torch.where(real, prompts, 0), vocab_size)
+    return torch.where(real, prompts, pad_id), lens
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (torch._dynamo's own counter): its difference across
+    calls counts compilations and recompilations."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _last_logits(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
+    return model(ids, cache)[:, -1]  # (B, V)
+
+
+def _prefill_fn(compile: bool):
+    """The prefill: eager, or compiled once per prompt shape (a second shape makes it dynamic: no more)."""
+    if not compile:
+        return _last_logits
+    if "prefill" not in _COMPILED:
+        def prefill(model, cache, ids):  # its own code object: its graphs never mix with the decode step's
+            return _last_logits(model, cache, ids)
+
+        _COMPILED["prefill"] = torch.compile(prefill, fullgraph=True)
+    return _COMPILED["prefill"]
+
+
+def _decode_fn(compile: bool, device: torch.device):
+    """The decode step: eager, or one static graph per batch size and cache length; CUDA graphs on a GPU."""
+    if not compile:
+        return _last_logits
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if ("decode", mode) not in _COMPILED:
+        def decode(model, cache, ids):
+            return _last_logits(model, cache, ids)
+
+        _COMPILED["decode", mode] = torch.compile(decode, mode=mode, fullgraph=True, dynamic=False)
+    step = _COMPILED["decode", mode]
+    if mode is None:
+        return step
+
+    def cudagraph_step(model, cache, ids):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: its buffers may go
+        return step(model, cache, ids)
+
+    return cudagraph_step
+
+
 @torch.inference_mode()
-def generate(model: GPTModel, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Continue (B, T) token ids by up to `max_new_tokens`; returns (B, T + n).
+def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, use_cache: bool = True, generator: torch.Generator | None = None, *,
+             lengths: Sequence[int] | torch.Tensor | None = None, compile: bool = False, pad_id: int = 0,
+             eos_check_every: int = 8) -> torch.Tensor:
+    """Continue prompts by up to `max_new_tokens`; returns (B, T + n): the T prompt columns (padding as `pad_id`),
+    then the new tokens.
+
+    `idx`: (B, T) token ids; or a list of id lists of different lengths, left-padded with `pad_id` to the longest
+    (T); or a (B, T) tensor left-padded already, with `lengths` (B,) saying how many of each row's last columns
+    are its prompt. Each row then gets the tokens it gets alone. Ids are checked here, before the model runs.
 
     Greedy at temperature 0, else sampling with optional top-k and nucleus (top-p) filtering. With
-    `eos_id`, a sequence that produced it is padded with `eos_id` and generation stops once all have.
-    The model runs in eval mode (no dropout) and is put back in its previous mode afterwards.
+    `eos_id`, a sequence that produced it is padded with `eos_id` and generation stops once all have (checked every
+    `eos_check_every` tokens, the output trimmed to where the last one finished). `compile=True` runs the prefill
+    and the decode step through `torch.compile` (mode "reduce-overhead", CUDA graphs, on a GPU): compiled once,
+    then reused for every token and later calls with the same batch size and cache length. The model runs in
+    eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    ctx = model.config.context_length
+    if eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be >= 1, got {eos_check_every}")
+    idx, lens = prompt_batch(idx, model.config.vocab_size, lengths=lengths, device=model.wte.weight.device,
+                             pad_id=pad_id)
+    (B, T), ctx = idx.shape, model.config.context_length
+    device = idx.device
+    start = torch.tensor([T - n for n in lens], device=device)  # (B,) each row's first real column
+    padded = any(n < T for n in lens)
     was_training = model.training
     model.eval()
     try:
-        out = idx
-        done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-        cache = None
-        for _ in range(max_new_tokens):
+        out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
+        out[:, :T] = idx
+        if max_new_tokens == 0:
+            return out
+        slots = min(ctx, T + max_new_tokens)  # cache slots: never more than this call can fill
+        prefill, decode = _prefill_fn(compile), _decode_fn(compile, device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n_out = torch.full((), max_new_tokens, device=device)  # tokens to return: fewer once all rows hit eos
+        cache, filled = None, 0
+        for i in range(max_new_tokens):
+            cur = T + i  # tokens so far
             if not use_cache:
-                logits = model(out[:, -ctx:])
-            elif cache is None or cache.pos == cache.max_len:  # first step, or the window is full
-                window = out[:, -ctx:]
-                slots = min(ctx, out.shape[1] + max_new_tokens)  # never more than this call can fill
-                cache = KVCache(model.config, out.shape[0], slots, device=out.device, dtype=model.wte.weight.dtype)
-                logits = model(window, cache)
+                window = out[:, max(0, cur - ctx):cur]
+                if padded:  # a fresh cache per step, only for its padding mask: everything is recomputed
+                    fresh = KVCache(model.config, B, window.shape[1], device=device, dtype=model.wte.weight.dtype,
+                                    start=(start - max(0, cur - ctx)).clamp(min=0))  # each row's padding, shifted
+                    logits = _last_logits(model, fresh, window)
+                else:
+                    logits = model(window)[:, -1]
+            elif cache is None or filled == slots:  # first step, or the window is full
+                lo = max(0, cur - ctx)
+                window = out[:, lo:cur]
+                if cache is None:
+                    cache = _cache(model, B, slots, compile, device)
+                cache.reset((start - lo).clamp(min=0) if padded else None)
+                logits, filled = prefill(model, cache, window), window.shape[1]
             else:
-                logits = model(out[:, -1:], cache)
-            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+                logits, filled = decode(model, cache, out[:, cur - 1:cur]), filled + 1
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
-            out = torch.cat([out, nxt[:, None].to(out.dtype)], dim=1)
-            if eos_id is not None and bool(done.all()):
+                n_out = torch.where(done.all() & (n_out == max_new_tokens), i + 1, n_out)  # on the device
+            out[:, cur] = nxt.to(out.dtype)
+            if eos_id is not None and (i + 1) % eos_check_every == 0 and bool(done.all()):
                 break
-        return out
+        return out[:, :T + int(n_out)] if eos_id is not None else out
     finally:
         model.train(was_training)
+
+
+def _cache(model: GPTModel, batch: int, slots: int, compile: bool, device: torch.device) -> KVCache:
+    """A fresh cache, or (compiled) the model's cache of this shape, reused: the graphs were built around it."""
+    dtype = model.wte.weight.dtype
+    if not compile:
+        return KVCache(model.config, batch, slots, device=device, dtype=dtype)
+    caches = _STATIC_CACHES.setdefault(model, {})
+    key = (batch, slots, dtype, device)
+    if key not in caches:
+        caches[key] = KVCache(model.config, batch, slots, device=device, dtype=dtype)
+    return caches[key]

@@ -42,29 +42,71 @@ _MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
 
 
 class KVCache:
-    """Static-shape key/value buffers for every layer, (n_layers, B, nh, max_len, hs), and the fill level.
+    """Static-shape key/value buffers for every layer, (n_layers, B, nh, max_len, hs); the fill level `pos`, a ()
+    int64 tensor on the cache's device; and `start`, (B,) int64, each row's first real slot: a batch of prompts of
+    different lengths is left-padded (right-aligned, as transformers pads for generation), and row b's keys before
+    start[b] are never seen.
 
-    The model writes each layer's new keys/values at `pos` and advances `pos` after its last layer.
+    The model writes each layer's new keys/values at slots pos..pos+T-1 and advances `pos` in place after its
+    last layer. A fresh cache's first call (the prefill) attends to its own keys, as without a cache; every later
+    call attends over all max_len slots under `mask`. The position is data, never a Python int, so every decode
+    step has the same shapes and the same graph: it compiles once (torch.compile, CUDA graphs), and `reset` lets
+    later calls reuse the buffers where they are. Two host flags say what the graph is: `fresh` (nothing cached
+    yet) and `padded` (`start` was given).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device=None, dtype=None):
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device=None, dtype=None,
+                 start: torch.Tensor | None = None):
         if max_len > config.context_length:
             raise ValueError(f"KV cache max_len {max_len} exceeds context_length {config.context_length}")
         shape = (config.n_layers, batch_size, config.n_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0
+        self.pos = torch.zeros((), dtype=torch.long, device=self.k.device)
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=self.k.device)
+        self.reset(start)
+        if self.k.device.type == "cuda":  # CUDA graphs then read and write them in place instead of copying them
+            for t in (self.k, self.v, self.pos, self.start):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def reset(self, start: torch.Tensor | None = None) -> None:
+        """Empty the cache (pos 0) for rows whose first real slots are `start` (B,) (default 0), in place."""
+        self.pos.zero_()
+        if start is None:
+            self.start.zero_()
+        else:
+            self.start.copy_(start)
+        self.fresh, self.padded = True, start is not None
+
+    def slots(self, t: int) -> torch.Tensor:
+        """(T,) the slots the next T positions go to."""
+        return self.pos + torch.arange(t, device=self.pos.device)
+
+    def positions(self, t: int) -> torch.Tensor:
+        """(B, T) position ids of the next T tokens, counted from each row's first real slot (0 on padding)."""
+        return (self.slots(t)[None, :] - self.start[:, None]).clamp(min=0)
+
+    def mask(self, t: int) -> torch.Tensor | None:
+        """(B, 1, T, S) bool, True where the next T queries may see a key: start[b] <= j <= its own slot. Over all
+        S = max_len slots; over its own S = T keys when fresh, None (plain causal) if not padded either. A padding
+        query sees itself only, so no row is all -inf; nothing real ever sees it."""
+        if self.fresh and not self.padded:
+            return None
+        i = self.slots(t)[:, None]  # (T, 1)
+        j = torch.arange(t if self.fresh else self.max_len, device=self.pos.device)  # (S,)
+        seen = (j <= i) & (j >= self.start[:, None, None])  # (B, T, S)
+        return (seen | (j == i))[:, None]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, nh, T, hs) keys/values at `pos`; return all keys/values so far, (B, nh, S, hs)."""
-        end = self.pos + k.shape[2]
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        """Store (B, nh, T, hs) keys/values at slots pos..pos+T-1; return the layer's (B, nh, S, hs) buffers."""
+        slots = self.slots(k.shape[2])
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
 
 
 def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
@@ -74,9 +116,15 @@ def causal_mask(t: int, s: int, device=None) -> torch.Tensor:
     return j <= i + (s - t)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout_p: float) -> torch.Tensor:
-    """Causal attention of (B, nh, T, hs) queries over (B, nh, S, hs) keys/values, S >= T."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, dropout_p: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of (B, nh, T, hs) queries over (B, nh, S, hs) keys/values, S >= T; with `mask` (B, 1, T, S)
+    bool (a KV cache's, True where query i may see key j), attention under that mask instead."""
     t, s = q.shape[2], k.shape[2]
+    if mask is not None and impl != "math":
+        # "triton" too, for what `cached_flash_attention` cannot take: a continuation of T > 1 tokens, whose
+        # causal diagonal is not at the end of a static cache's slots.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if impl == "sdpa":
         if t == s or t == 1:  # PyTorch aligns is_causal to the start, so only these need no explicit mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)
@@ -89,10 +137,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, drop
         return kernels.flash_attention(q, k, v, causal=True)
     # "math": the readable reference, masked softmax with float32 statistics.
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, S)
-    att = att.masked_fill(~causal_mask(t, s, q.device), float("-inf"))
+    att = att.masked_fill(~(causal_mask(t, s, q.device) if mask is None else mask), float("-inf"))
     att = F.softmax(att.float(), dim=-1).to(q.dtype)
     att = F.dropout(att, p=dropout_p)
     return att @ v  # (B, nh, T, hs)
+
+
+def cached_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache,
+                           fresh: bool) -> torch.Tensor:
+    """The Triton kernel against a KV cache, rows limited to their real keys: a prefill over its own (B, nh, T, hs)
+    keys (fresh), or a decode step's one query over all (B, nh, S, hs) slots up to its own."""
+    import kernels
+
+    b, t = q.shape[0], q.shape[2]
+    if fresh:
+        return kernels.flash_attention(q, k, v, causal=True, kv_start=cache.start.int() if cache.padded else None,
+                                       kv_end=torch.full((b,), t, dtype=torch.int32, device=q.device)
+                                       if cache.padded else None)
+    return kernels.flash_attention(q, k, v, causal=True, kv_start=cache.start.int(),
+                                   kv_end=(cache.pos + 1).int().expand(b))
 
 
 def make_layer_norm(config: GPTConfig, norm_impl: str) -> nn.Module:
@@ -126,16 +189,23 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.emb_dim, config.emb_dim)
         self.resid_dropout = nn.Dropout(config.drop_rate)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 × (B, T, C)
         q = q.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # (B, nh, T, hs)
+        fresh = cache is not None and cache.fresh
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, S, hs)
+            k_all, v_all = cache.update(layer, k, v)  # (B, nh, S, hs)
+            if not fresh:  # earlier calls' keys too: every slot, under the cache's mask
+                k, v = k_all, v_all
         dropout_p = self.drop_rate if self.training else 0.0
-        y = attention(q, k, v, self.attn_impl, dropout_p)  # (B, nh, T, hs)
+        if cache is not None and self.attn_impl == "triton" and (fresh or T == 1):
+            y = cached_flash_attention(q, k, v, cache, fresh)  # (B, nh, T, hs)
+        else:
+            y = attention(q, k, v, self.attn_impl, dropout_p, mask)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -160,8 +230,9 @@ class Block(nn.Module):
         self.ln_2 = make_layer_norm(config, norm_impl)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
@@ -238,19 +309,27 @@ class GPTModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds. With
-        `targets` (B, T), the mean float32 cross-entropy against them instead (`loss_impl`; -100 is ignored)."""
+        """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds (its rows'
+        padding and fill level: see KVCache). With `targets` (B, T), the mean float32 cross-entropy against them
+        instead (`loss_impl`; -100 is ignored).
+
+        Shapes and dtypes are always checked. Id values (and a cache's fill level) are checked here only when they
+        are on the CPU, in eager mode: elsewhere reading them back would stop the device every call, so they are
+        checked where they enter (`generate` its prompt, the trainers their batches, in gpt_core.batches)."""
         if targets is not None and cache is not None:
             raise ValueError("targets (a training loss) and a KV cache (generation) do not go together")
         B, T = self._check_input(idx, cache)
-        start = 0 if cache is None else cache.pos
-        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        if cache is None:
+            pos, mask = torch.arange(T, device=idx.device), None  # (T,); causal
+        else:
+            pos, mask = cache.positions(T), cache.mask(T)  # (B, T), (B, 1, T, S)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         remat = self.remat != "none" and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
-            x = self._recomputed(block, x) if remat else block(x, cache, i)  # (B, T, C)
+            x = self._recomputed(block, x) if remat else block(x, cache, i, mask)  # (B, T, C)
         if cache is not None:
-            cache.pos += T
+            cache.pos.add_(T)
+            cache.fresh = False
         x = self.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x)  # (B, T, vocab_size)
@@ -272,17 +351,17 @@ class GPTModel(nn.Module):
         if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         B, T = idx.shape
-        start = 0 if cache is None else cache.pos
         limit = self.config.context_length if cache is None else cache.max_len
+        if cache is not None and cache.k.shape[1] != B:
+            raise ValueError(f"a batch of {B} does not match the KV cache's batch of {cache.k.shape[1]}")
+        # Values only where reading them costs no device synchronisation (and torch.compile no graph break).
+        host = idx.device.type == "cpu" and not torch.compiler.is_compiling()
+        start = int(cache.pos) if host and cache is not None and cache.pos.device.type == "cpu" else 0
         if T == 0 or start + T > limit:
             raise ValueError(f"sequence of {T} tokens (after {start} cached) does not fit the context of "
                              f"{limit} positions")
-        # A data-dependent check: eager mode only (torch.compile would break the graph on it).
-        if not torch.compiler.is_compiling():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= self.config.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is outside [0, {self.config.vocab_size})")
+        if host:
+            check_ids(idx, self.config.vocab_size)
         return B, T
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -342,6 +421,17 @@ def _load_bin(directory: Path) -> dict[str, np.ndarray]:
     if not (isinstance(tensors, dict) and all(isinstance(v, torch.Tensor) for v in tensors.values())):
         raise CheckpointError(f"{path} does not hold a dict of tensors")
     return {k: v.to(torch.float32).numpy() for k, v in tensors.items()}
+
+
+def check_ids(idx: torch.Tensor, vocab_size: int) -> None:
+    """Raise ValueError unless every id of (B, T) `idx` is in [0, vocab_size), naming the first that is not and where.
+
+    Reads the values back: one synchronisation on a GPU, so callers do it once where ids enter, never per step.
+    """
+    bad = (idx < 0) | (idx >= vocab_size)
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"token id {int(idx[row, col])} is outside [0, {vocab_size}) (row {row}, position {col})")
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
