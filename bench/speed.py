@@ -3,6 +3,13 @@
 FLOP model (DESIGN.md §7), per token at sequence length T: training 6·N + 12·L·T·d; forward and prefill a
 third of it, 2·N + 4·L·T·d; one decode step at context S, 2·N + 4·L·S·d. N counts matmul parameters
 (`GPTConfig.flops_per_token`). Compilation and warm-up are never timed; compile time is its own column.
+
+Decode rows also carry the memory-bandwidth floor: a step reads every weight once (the tied head included, one row
+of the embeddings), so it takes at least weight bytes / read bandwidth, the bandwidth measured in this run (a sum over
+a buffer far larger than the caches). `floor_pct` is that floor as a percentage of the measured step. The
+torch.compile decode row counts the decode step's compilations over three calls of up to 200 tokens (dynamo's own
+count, `torch_gpt.generation.compiled_graphs`) and times its compilation. `hf/generate` is Hugging Face's
+`GPT2LMHeadModel.generate` on the same weights (generation phases only).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from bench.report import Row
 from gpt_core.config import GPTConfig
 
 PHASES = ("forward", "forward+backward", "train step", "prefill", "decode")
+GENERATION = ("prefill", "decode")
+RECOMPILE_TOKENS, RECOMPILE_CALLS = 200, 3
 # float32 matmuls on both sides: exact ("highest"), or TF32 where the GPU has it ("tf32"; DESIGN.md §4, trap 3).
 PRECISIONS = ("highest", "tf32")
 
@@ -34,6 +43,29 @@ class Setup:
     prompt_len: int  # generation phases: the prompt, short enough that no step passes the context
     peak: float | None  # FLOP/s the MFU column divides by
     peak_source: str
+    read_bw: float | None = None  # bytes/s, measured when a decode phase runs
+    weight_bytes: int = 0  # read per decode step
+
+
+def weight_bytes(config: GPTConfig, dtype: str) -> int:
+    """Bytes a decode step reads of the weights: every parameter, but only one row of the position table (and of
+    wte when the head is untied)."""
+    n = config.n_params
+    if config.pos_embedding == "learned":
+        n -= (config.context_length - 1) * config.emb_dim
+    if not config.tie_embeddings:
+        n -= (config.vocab_size - 1) * config.emb_dim
+    return n * (2 if dtype in ("bfloat16", "float16") else 4)
+
+
+def read_bandwidth(device: str, repeats: int = 5) -> float:
+    """Bytes/s of reading a float32 buffer far past the caches (256 MiB on a CPU, 1 GiB on a GPU) by a sum."""
+    import torch
+
+    n = (1 << 30 if device == "cuda" else 1 << 28) // 4
+    x = torch.ones(n, device=device)
+    t = timing.measure(lambda: x.sum(), timing.torch_sync, repeats, warmup=2)
+    return n * 4 / t.median
 
 
 def implementations() -> list[str]:
@@ -47,6 +79,12 @@ def implementations() -> list[str]:
     impls += ["torch.compile/sdpa", "jax/xla"]
     if jax.default_backend() == "gpu":
         impls.append("jax/cudnn")
+    try:
+        import transformers  # noqa: F401
+
+        impls.append("hf/generate")  # generation phases only
+    except ImportError:
+        pass
     return impls
 
 
@@ -99,15 +137,25 @@ def run(config: GPTConfig, *, batch: int = 4, seq_len: int = 128, dtype: str = "
     if dtype == "float32":
         source += "; float32 matmuls " + ("TF32 where the GPU has it" if precision == "tf32" else "exact")
     s = Setup(config, batch, seq_len, dtype, repeats, decode_tokens, prompt_len, peak, source)
+    if "decode" in phases:
+        import torch
+
+        progress("speed: measuring the read bandwidth")
+        s.read_bw = read_bandwidth("cuda" if torch.cuda.is_available() else "cpu")
+        s.weight_bytes = weight_bytes(config, dtype)
     rows = []
     for impl in impls:
+        own = [p for p in phases if p in GENERATION] if impl.startswith("hf/") else phases
+        if not own:
+            continue
         progress(f"speed: {impl}")
+        runner = _jax_rows if impl.startswith("jax") else _hf_rows if impl.startswith("hf/") else _torch_rows
         try:
-            rows += (_jax_rows if impl.startswith("jax") else _torch_rows)(s, impl, phases, progress)
+            rows += runner(s, impl, own, progress)
         except Exception as e:  # one implementation failing (a missing cuDNN, out of memory) must not lose the rest
             note = f"failed: {type(e).__name__}: {e}"[:300]
             progress(f"speed: {impl} {note}")
-            rows += [Row("speed", phase, impl, dtype, f"B={batch} T={seq_len}", {}, "FAIL", note) for phase in phases]
+            rows += [Row("speed", phase, impl, dtype, f"B={batch} T={seq_len}", {}, "FAIL", note) for phase in own]
         _release_memory()
     return rows
 
@@ -187,22 +235,44 @@ def _torch_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
 
     prompt = x[:, : s.prompt_len]
 
-    def gen(n):
-        return lambda: torch_gpt.generate(model, prompt, n)
+    def gen(n, p=prompt):
+        return lambda: torch_gpt.generate(model, p, n, compile=compiled)
 
     fns = {"forward": forward, "forward+backward": fwd_bwd, "train step": train_step}
     rows = []
     for phase in phases:
         if phase in fns:
             rows.append(_timed(s, impl, phase, fns[phase], timing.torch_sync, device, s.batch * s.seq_len))
-        elif compiled:
-            rows.append(_row(s, impl, phase, None, 0, 0, None, None,
-                             "generation runs eagerly (its cache shapes change every step)"))
         elif phase == "prefill":
             rows.append(_timed(s, impl, phase, gen(1), timing.torch_sync, device, s.batch * s.prompt_len))
         elif phase == "decode":
-            rows.append(_decode(s, impl, gen(1), gen(1 + s.decode_tokens), timing.torch_sync, device))
+            counts, compile_s = _recompiles(s, gen, progress) if compiled else ({}, None)
+            row = _decode(s, impl, gen(1), gen(1 + s.decode_tokens), timing.torch_sync, device, compile_s)
+            row.metrics.update(counts)
+            if compiled:
+                row.note += (f"; decode step compiled {counts['decode_compiles']}x, prefill "
+                             f"{counts['prefill_compiles']}x over {RECOMPILE_CALLS} calls of "
+                             f"{counts['recompile_tokens']} tokens (compile_s: the decode step's)")
+            rows.append(row)
     return rows
+
+
+def _recompiles(s: Setup, gen, progress) -> tuple[dict[str, int], float]:
+    """Three generate(compile=True) calls of up to 200 new tokens (inside the context): the decode step's and the
+    prefill's compilations over them (dynamo's count; the prefill was compiled already if a prefill row ran), and
+    the compile time, the first call's time less the second's."""
+    from torch_gpt.generation import compiled_graphs
+
+    n = min(RECOMPILE_TOKENS, s.config.context_length - s.prompt_len)
+    progress(f"speed: torch.compile decode, {RECOMPILE_CALLS} calls of {n} tokens")
+    before = {step: compiled_graphs(step) for step in ("prefill", "decode")}
+    times = []
+    for _ in range(RECOMPILE_CALLS):
+        t0 = time.perf_counter()
+        timing.torch_sync(gen(n)())
+        times.append(time.perf_counter() - t0)
+    counts = {f"{step}_compiles": compiled_graphs(step) - k for step, k in before.items()}
+    return {**counts, "recompile_tokens": n}, max(0.0, times[0] - times[1])
 
 
 def _torch_mem(device: str) -> float | None:
@@ -222,11 +292,11 @@ def _timed(s: Setup, impl: str, phase: str, fn, sync, device: str, tokens: int, 
     t = timing.measure(fn, sync, s.repeats, warmup=1)
     if compile_s is None and (impl.startswith("torch.compile") or impl.startswith("jax")):
         compile_s = _compile_time(first, t)
-    mem = _torch_mem(device) if impl.startswith("torch") else _jax_mem()
+    mem = _jax_mem() if impl.startswith("jax") else _torch_mem(device)
     return _row(s, impl, phase, t, tokens, _flops(s, phase), compile_s, mem)
 
 
-def _decode(s: Setup, impl: str, prefill_fn, full_fn, sync, device: str) -> Row:
+def _decode(s: Setup, impl: str, prefill_fn, full_fn, sync, device: str, compile_s: float | None = None) -> Row:
     """Per-token decode time: (prefill + n decode steps − prefill) / n, both through `generate`. A difference
     of two timings: taken between their fastest tenths (load only ever adds time), as the median difference
     went negative on a loaded machine."""
@@ -238,8 +308,51 @@ def _decode(s: Setup, impl: str, prefill_fn, full_fn, sync, device: str) -> Row:
     if med <= 0:  # the n steps hid inside the prefill's noise: say so rather than print a negative time
         med, note = float("nan"), note + "; NOT MEASURED: below the timing noise (a loaded machine?)"
     per = timing.Timing(med, med * f.p10 / f.median, med * f.p90 / f.median, s.repeats)  # the full call's spread
-    mem = _torch_mem(device) if impl.startswith("torch") else _jax_mem()
-    return _row(s, impl, "decode", per, s.batch, _flops(s, "decode"), None, mem, note)
+    mem = _jax_mem() if impl.startswith("jax") else _torch_mem(device)
+    row = _row(s, impl, "decode", per, s.batch, _flops(s, "decode"), compile_s, mem, note)
+    if s.read_bw:
+        floor = s.weight_bytes / s.read_bw
+        row.metrics.update(read_gb_s=s.read_bw / 1e9, weight_mb=s.weight_bytes / 1e6, floor_ms=floor * 1e3,
+                           floor_pct=100 * floor / med if med == med else float("nan"))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------- hf
+def _hf_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
+    """transformers' GPT2LMHeadModel.generate, greedy, on the twins' weights (its own KV cache and loop)."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    c = s.config
+    if not (c.pos_embedding == "learned" and c.tie_embeddings and c.qkv_bias):
+        return [_row(s, impl, phase, None, 0, 0, None, None, "GPT2LMHeadModel needs learned positions, a tied "
+                     "head and qkv biases") for phase in phases]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tw = twins.build(c, dtype=s.dtype, device=device)
+    with tempfile.TemporaryDirectory() as d:
+        tw.torch_model.save_pretrained(d)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(d, dtype=getattr(torch, s.dtype)).to(device).eval()
+    del tw
+    rng = np.random.default_rng(0)
+    prompt = torch.from_numpy(rng.integers(0, c.vocab_size, (s.batch, s.prompt_len))).to(device)
+    ones = torch.ones_like(prompt)
+
+    def gen(n):
+        def run():
+            with torch.inference_mode():
+                return hf.generate(prompt, attention_mask=ones, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)
+        return run
+
+    rows = []
+    for phase in phases:
+        if phase == "prefill":
+            rows.append(_timed(s, impl, phase, gen(1), timing.torch_sync, device, s.batch * s.prompt_len))
+        else:
+            rows.append(_decode(s, impl, gen(1), gen(1 + s.decode_tokens), timing.torch_sync, device))
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------- jax

@@ -168,24 +168,30 @@ def test_bad_prompts_are_refused_before_the_model_runs(model, prompt, kw, match)
 
 @pytest.mark.slow
 def test_compiled_generation_equals_eager_and_compiles_once():
-    """compile=True: one prefill graph and one decode graph (dynamo's own count), reused by later calls of the same
-    batch size and cache length (new prompts, sampling, then prompts of different lengths); tokens equal eager's."""
+    """compile=True: one prefill graph (dynamic shapes) and one decode graph per batch size and cache length
+    (dynamo's own counts), reused by later calls: new prompts, sampling, another prompt length with the same cache
+    length, prompts of different lengths (whose prefill takes a padding mask: one more graph). Tokens equal eager's."""
     torch.manual_seed(1)
     m = GPTModel(GPTConfig(vocab_size=97, context_length=24, emb_dim=32, n_heads=2, n_layers=2)).eval()
+    before = {step: compiled_graphs(step) for step in ("prefill", "decode")}
+
+    def built():
+        return {step: compiled_graphs(step) - n for step, n in before.items()}
+
+    def same(prompt, n, **kw):
+        return torch.equal(generate(m, prompt, n, compile=True, **kw), generate(m, prompt, n, **kw))
+
     prompt = torch.randint(0, 97, (2, 5))
-    before = compiled_graphs()
-    assert torch.equal(generate(m, prompt, 12, compile=True), generate(m, prompt, 12))
-    assert compiled_graphs() - before == 2  # prefill (B=2, T=5) and the decode step (B=2, 17 slots)
-    again = torch.randint(0, 97, (2, 5))
-    assert torch.equal(generate(m, again, 12, compile=True), generate(m, again, 12))
-    seeded = [generate(m, again, 12, temperature=1.0, top_p=0.9, compile=c, generator=torch.Generator().manual_seed(5))
+    assert same(prompt, 12) and built() == {"prefill": 1, "decode": 1}  # B=2, 17 slots
+    assert same(torch.randint(0, 97, (2, 5)), 12)
+    seeded = [generate(m, prompt, 12, temperature=1.0, top_p=0.9, compile=c, generator=torch.Generator().manual_seed(5))
               for c in (True, False)]
     assert torch.equal(*seeded)
-    assert compiled_graphs() - before == 2, "a later call of the same shapes recompiled"
-    for seed in (2, 3):  # padded to (2, 5): the same decode step; the prefill's padding mask is one more graph
-        ragged = [[t % 97 for t in p] for p in prompts_of([5, 2], seed)]
-        assert torch.equal(generate(m, ragged, 12, compile=True), generate(m, ragged, 12))
-        assert compiled_graphs() - before == 3
+    assert same(torch.randint(0, 97, (2, 8)), 9)  # 8 + 9: the same 17 slots
+    assert built() == {"prefill": 1, "decode": 1}, "a later call with the same cache shape recompiled"
+    for seed in (2, 3):
+        assert same([[t % 97 for t in p] for p in prompts_of([5, 2], seed)], 12)
+    assert built() == {"prefill": 2, "decode": 1}
 
 
 def test_cli_prints_a_continuation(tmp_path):

@@ -78,27 +78,41 @@ def prompt_batch(prompts: torch.Tensor | Sequence[Sequence[int]], vocab_size: in
     return torch.where(real, prompts, pad_id), lens
 
 
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process so far (torch._dynamo's own counter): its difference across
-    calls counts compilations and recompilations."""
-    from torch._dynamo.utils import counters
+def compiled_graphs(step: str | None = None) -> int:
+    """Graphs torch.compile has built in this process so far, torch._dynamo's own count: all of them, or only those
+    of generate's "prefill" or "decode" step (its compiled entries, one per compilation). A difference across calls
+    counts compilations and recompilations."""
+    if step is None:
+        from torch._dynamo.utils import counters
 
-    return counters["stats"]["unique_graphs"]
+        return counters["stats"]["unique_graphs"]
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    steps = {"prefill": _prefill_step, "decode": _decode_step}
+    if step not in steps:
+        raise ValueError(f"step must be one of {tuple(steps)} or None, got {step!r}")
+    return len(_debug_get_cache_entry_list(steps[step].__code__))
 
 
 def _last_logits(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
     return model(ids, cache)[:, -1]  # (B, V)
 
 
+# Two functions, so that each has its own code object and so its own compiled graphs, never mixed with the other's.
+def _prefill_step(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
+    return _last_logits(model, cache, ids)
+
+
+def _decode_step(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
+    return _last_logits(model, cache, ids)
+
+
 def _prefill_fn(compile: bool):
-    """The prefill: eager, or compiled once per prompt shape (a second shape makes it dynamic: no more)."""
+    """The prefill: eager, or compiled once with dynamic shapes (any prompt length, cache length or window)."""
     if not compile:
         return _last_logits
     if "prefill" not in _COMPILED:
-        def prefill(model, cache, ids):  # its own code object: its graphs never mix with the decode step's
-            return _last_logits(model, cache, ids)
-
-        _COMPILED["prefill"] = torch.compile(prefill, fullgraph=True)
+        _COMPILED["prefill"] = torch.compile(_prefill_step, fullgraph=True, dynamic=True)
     return _COMPILED["prefill"]
 
 
@@ -108,10 +122,7 @@ def _decode_fn(compile: bool, device: torch.device):
         return _last_logits
     mode = "reduce-overhead" if device.type == "cuda" else None
     if ("decode", mode) not in _COMPILED:
-        def decode(model, cache, ids):
-            return _last_logits(model, cache, ids)
-
-        _COMPILED["decode", mode] = torch.compile(decode, mode=mode, fullgraph=True, dynamic=False)
+        _COMPILED["decode", mode] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
     step = _COMPILED["decode", mode]
     if mode is None:
         return step
@@ -139,8 +150,9 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
     Greedy at temperature 0, else sampling with optional top-k and nucleus (top-p) filtering. With
     `eos_id`, a sequence that produced it is padded with `eos_id` and generation stops once all have (checked every
     `eos_check_every` tokens, the output trimmed to where the last one finished). `compile=True` runs the prefill
-    and the decode step through `torch.compile` (mode "reduce-overhead", CUDA graphs, on a GPU): compiled once,
-    then reused for every token and later calls with the same batch size and cache length. The model runs in
+    (compiled once, with dynamic shapes) and the decode step (compiled once per batch size and cache length, with
+    mode "reduce-overhead", CUDA graphs, on a GPU) through `torch.compile`, reused for every token and later call;
+    `compiled_graphs` counts them. The model runs in
     eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     check_sampling_args(temperature, top_k, top_p)

@@ -42,7 +42,7 @@ _MATMULS = frozenset({torch.ops.aten.mm.default, torch.ops.aten.addmm.default})
 
 
 class KVCache:
-    """Static-shape key/value buffers for every layer, (n_layers, B, nh, max_len, hs); the fill level `pos`, a ()
+    """Static-shape key/value buffers, one (B, nh, max_len, hs) pair per layer; the fill level `pos`, a ()
     int64 tensor on the cache's device; and `start`, (B,) int64, each row's first real slot: a batch of prompts of
     different lengths is left-padded (right-aligned, as transformers pads for generation), and row b's keys before
     start[b] are never seen.
@@ -52,26 +52,31 @@ class KVCache:
     call attends over all max_len slots under `mask`. The position is data, never a Python int, so every decode
     step has the same shapes and the same graph: it compiles once (torch.compile, CUDA graphs), and `reset` lets
     later calls reuse the buffers where they are. Two host flags say what the graph is: `fresh` (nothing cached
-    yet) and `padded` (`start` was given).
+    yet) and `padded` (`start` was given). One buffer per layer, not one stack: torch.compile updates a graph
+    input in place, but a slice of one it rebuilds and copies back whole, every step.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, *, device=None, dtype=None,
                  start: torch.Tensor | None = None):
         if max_len > config.context_length:
             raise ValueError(f"KV cache max_len {max_len} exceeds context_length {config.context_length}")
-        shape = (config.n_layers, batch_size, config.n_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=self.k.device)
-        self.start = torch.zeros(batch_size, dtype=torch.long, device=self.k.device)
+        shape = (batch_size, config.n_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.pos = torch.zeros((), dtype=torch.long, device=self.k[0].device)
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=self.k[0].device)
         self.reset(start)
-        if self.k.device.type == "cuda":  # CUDA graphs then read and write them in place instead of copying them
-            for t in (self.k, self.v, self.pos, self.start):
+        if self.pos.device.type == "cuda":  # CUDA graphs then read and write them in place instead of copying them
+            for t in (*self.k, *self.v, self.pos, self.start):
                 torch._dynamo.mark_static_address(t)
 
     @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def reset(self, start: torch.Tensor | None = None) -> None:
         """Empty the cache (pos 0) for rows whose first real slots are `start` (B,) (default 0), in place."""
@@ -127,7 +132,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str, drop
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     if impl == "sdpa":
         if t == s or t == 1:  # PyTorch aligns is_causal to the start, so only these need no explicit mask
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=t > 1)
+            causal = t > 1  # a branch, not the value: under dynamic shapes the comparison is symbolic
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True if causal else False)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(t, s, q.device), dropout_p=dropout_p)
     if impl == "triton":
         import kernels  # the kernels package stands alone; only this path needs it
@@ -352,8 +358,8 @@ class GPTModel(nn.Module):
             raise ValueError(f"idx must hold integer token ids, got dtype {idx.dtype}")
         B, T = idx.shape
         limit = self.config.context_length if cache is None else cache.max_len
-        if cache is not None and cache.k.shape[1] != B:
-            raise ValueError(f"a batch of {B} does not match the KV cache's batch of {cache.k.shape[1]}")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"a batch of {B} does not match the KV cache's batch of {cache.batch_size}")
         # Values only where reading them costs no device synchronisation (and torch.compile no graph break).
         host = idx.device.type == "cpu" and not torch.compiler.is_compiling()
         start = int(cache.pos) if host and cache is not None and cache.pos.device.type == "cpu" else 0
