@@ -24,8 +24,9 @@ DESCRIPTION = """Parity and speed of torch_gpt vs jax_gpt, and of the Triton ker
   parity   logits, loss, every gradient, an N-step AdamW run and greedy generation, torch vs jax,
            from one checkpoint; PASS/FAIL per row against DESIGN.md's tolerances; exit 1 on any FAIL
   speed    forward, forward+backward, train step, prefill and per-token decode for every implementation
-           this machine runs (torch math/sdpa/triton, torch.compile, jax.jit xla/cudnn): median time,
-           spread, tokens/s, achieved TFLOP/s, MFU, compile time, peak memory
+           this machine runs (torch math/sdpa/triton, torch.compile, jax.jit xla/cudnn; transformers'
+           generate for prefill/decode): median time, spread, tokens/s, achieved TFLOP/s, MFU, compile
+           time, peak memory; decode also the measured read bandwidth and the floor it sets
   kernels  on CUDA, flash attention and LayerNorm throughput against PyTorch; elsewhere, the
            interpreter correctness sweep
   compile  every Triton kernel configuration compiled for sm_80 and sm_90 without a GPU: registers,

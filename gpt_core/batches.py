@@ -10,6 +10,10 @@ Two sources, one interface (`TrainingData`):
   draws them); validation is the first windows of the validation shard, in order.
 Either way `batch(step, batch_size, rows)` depends on nothing but its arguments, so resuming needs only the
 step, and a process that feeds only some rows of the global batch (`rows`) reads only those.
+
+Every id a batch holds is in [0, vocab_size), checked here where batches are made: text through a tokenizer
+that fits the model (`check_vocab_size`, at open), shard windows as they are read (`DataError` naming the file).
+So the models need not read the ids back from a GPU at every step.
 """
 
 from __future__ import annotations
