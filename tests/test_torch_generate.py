@@ -82,7 +82,9 @@ def test_eos_pads_and_stops(model, every):
 
 
 @pytest.mark.parametrize("kw, match", [({"temperature": -1}, "temperature"), ({"top_k": 0}, "top_k"),
-                                       ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": -1}, "max_new_tokens")])
+                                       ({"top_p": 1.5}, "top_p"), ({"max_new_tokens": -1}, "max_new_tokens"),
+                                       ({"eos_check_every": 0}, "eos_check_every"),
+                                       ({"compile": True, "use_cache": False}, "needs use_cache=True")])
 def test_bad_sampling_arguments(model, kw, match):
     args = {"max_new_tokens": 3, **kw}
     with pytest.raises(ValueError, match=match):
@@ -104,6 +106,21 @@ def test_the_static_cache_continues_the_forward(model):
     with pytest.raises(ValueError, match="batch of 3 does not match"):
         model(torch.zeros(3, 1, dtype=torch.long), cache)
     model.train()
+
+
+def test_forward_reads_no_values_off_the_cpu():
+    """On any other device, forward checks shapes only: a meta tensor has no values, so any read-back (an id
+    check, the cache's fill level) would raise here. The same ids on the CPU are checked."""
+    with torch.device("meta"):
+        m = GPTModel(CFG).eval()
+        bad = torch.full((2, 5), CFG.vocab_size)  # out of range, but unreadable
+        cache = KVCache(CFG, 2, 8)
+        with torch.no_grad():
+            assert m(bad).shape == (2, 5, CFG.vocab_size)
+            assert m(bad, cache).shape == (2, 5, CFG.vocab_size)  # the prefill
+            assert m(bad[:, :1], cache).shape == (2, 1, CFG.vocab_size)  # a decode step
+    with pytest.raises(ValueError, match=f"token id {CFG.vocab_size} is outside"):
+        GPTModel(CFG)(torch.full((2, 5), CFG.vocab_size))
 
 
 def prompts_of(lengths, seed=0):

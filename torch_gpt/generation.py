@@ -160,6 +160,8 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if eos_check_every < 1:
         raise ValueError(f"eos_check_every must be >= 1, got {eos_check_every}")
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the KV-cache steps: it needs use_cache=True")
     idx, lens = prompt_batch(idx, model.config.vocab_size, lengths=lengths, device=model.wte.weight.device,
                              pad_id=pad_id)
     (B, T), ctx = idx.shape, model.config.context_length
