@@ -259,12 +259,13 @@ def _torch_rows(s: Setup, impl: str, phases, progress) -> list[Row]:
 
 def _recompiles(s: Setup, gen, progress) -> tuple[dict[str, int], float]:
     """Three generate(compile=True) calls of up to 200 new tokens (inside the context): the decode step's and the
-    prefill's compilations over them (dynamo's count; the prefill was compiled already if a prefill row ran), and
-    the compile time, the first call's time less the second's."""
+    prefill's compilations over them (dynamo's count), and the decode step's compile time, the first call's time
+    less the second's (the prefill, dynamic, is compiled before by a call of one token, which has no decode step)."""
     from torch_gpt.generation import compiled_graphs
 
     n = min(RECOMPILE_TOKENS, s.config.context_length - s.prompt_len)
     progress(f"speed: torch.compile decode, {RECOMPILE_CALLS} calls of {n} tokens")
+    timing.torch_sync(gen(1)())
     before = {step: compiled_graphs(step) for step in ("prefill", "decode")}
     times = []
     for _ in range(RECOMPILE_CALLS):
