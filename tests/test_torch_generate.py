@@ -199,12 +199,13 @@ def test_compiled_generation_equals_eager_and_compiles_once():
         return torch.equal(generate(m, prompt, n, compile=True, **kw), generate(m, prompt, n, **kw))
 
     prompt = torch.randint(0, 97, (2, 5))
-    assert same(prompt, 12) and built() == {"prefill": 1, "decode": 1}  # B=2, 17 slots
+    assert same(prompt, 12) and built() == {"prefill": 1, "decode": 1}  # B=2, 5 + 12 -> 24 slots (the context)
     assert same(torch.randint(0, 97, (2, 5)), 12)
     seeded = [generate(m, prompt, 12, temperature=1.0, top_p=0.9, compile=c, generator=torch.Generator().manual_seed(5))
               for c in (True, False)]
     assert torch.equal(*seeded)
-    assert same(torch.randint(0, 97, (2, 8)), 9)  # 8 + 9: the same 17 slots
+    assert same(torch.randint(0, 97, (2, 8)), 9)  # 8 + 9: the same 24 slots
+    assert same(torch.randint(0, 97, (2, 3)), 2)  # 3 + 2, rounded up to a multiple of 64, capped: 24 again
     assert built() == {"prefill": 1, "decode": 1}, "a later call with the same cache shape recompiled"
     for seed in (2, 3):
         assert same([[t % 97 for t in p] for p in prompts_of([5, 2], seed)], 12)

@@ -31,6 +31,9 @@ from torch_gpt.model import GPTModel, KVCache, check_ids
 # so the compiled graphs (and CUDA graphs, which read the buffers at fixed addresses) see the same tensors.
 _STATIC_CACHES: weakref.WeakKeyDictionary[GPTModel, dict] = weakref.WeakKeyDictionary()
 _COMPILED: dict[str, object] = {}
+# Compiled, the cache length is rounded up to this (at most the context), so that calls of nearby lengths share a
+# decode graph; the extra slots are masked. Dynamo keeps at most `recompile_limit` (8) graphs per step function.
+COMPILED_SLOTS_MULTIPLE = 64
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -150,10 +153,10 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
     Greedy at temperature 0, else sampling with optional top-k and nucleus (top-p) filtering. With
     `eos_id`, a sequence that produced it is padded with `eos_id` and generation stops once all have (checked every
     `eos_check_every` tokens, the output trimmed to where the last one finished). `compile=True` runs the prefill
-    (compiled once, with dynamic shapes) and the decode step (compiled once per batch size and cache length, with
-    mode "reduce-overhead", CUDA graphs, on a GPU) through `torch.compile`, reused for every token and later call;
-    `compiled_graphs` counts them. The model runs in eval mode (no dropout) and is put back in its previous mode
-    afterwards.
+    (compiled once, with dynamic shapes) and the decode step (compiled once per batch size and cache length, the
+    length rounded up to a multiple of COMPILED_SLOTS_MULTIPLE; mode "reduce-overhead", CUDA graphs, on a GPU)
+    through `torch.compile`, reused for every token and later call; `compiled_graphs` counts them. The model runs
+    in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
@@ -176,6 +179,8 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
         if max_new_tokens == 0:
             return out
         slots = min(ctx, T + max_new_tokens)  # cache slots: never more than this call can fill
+        if compile:
+            slots = min(ctx, -(-slots // COMPILED_SLOTS_MULTIPLE) * COMPILED_SLOTS_MULTIPLE)
         prefill, decode = _prefill_fn(compile), _decode_fn(compile, device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n_out = torch.full((), max_new_tokens, device=device)  # tokens to return: fewer once all rows hit eos
@@ -198,7 +203,8 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
                 cache.reset((start - lo).clamp(min=0) if padded else None)
                 logits, filled = prefill(model, cache, window), window.shape[1]
             else:
-                logits, filled = decode(model, cache, out[:, cur - 1:cur]), filled + 1
+                # Contiguous: the slice's strides follow out's width, and a compiled step is specialised on strides.
+                logits, filled = decode(model, cache, out[:, cur - 1:cur].contiguous()), filled + 1
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
