@@ -92,7 +92,8 @@ def depth_rows(config: GPTConfig, layers: list[int], *, batch: int = 1, seq_len:
                  "tokens_per_s": batch * seq_len / t.median}
             rows.append(Row("speed", "train step by depth", f"jax/xla {layout}", "float32",
                             f"L={n_layers} B={batch} T={seq_len}", m, "",
-                            f"compile_vs_min: against {layout} at {min(layers)} layers"))
+                            "; ".join(filter(None, (f"compile_vs_min: against {layout} at {min(layers)} layers",
+                                                    timing.jax_cache_note())))))
             del model, params, opt_state, exe, lowered, args
     return rows
 

@@ -93,3 +93,13 @@ def cpu_matmul_peak(dtype: str = "float32", n: int = 2048, repeats: int = 5) -> 
     except ImportError:
         pass
     return peaks
+
+
+def jax_cache_note() -> str:
+    """A note for compile timings when JAX's persistent compilation cache is on (JAX_COMPILATION_CACHE_DIR, as the
+    test suite sets it): a compile found there is read from disk, so its time is not a compile time."""
+    import jax
+
+    path = jax.config.jax_compilation_cache_dir
+    on = path and jax.config.jax_enable_compilation_cache
+    return f"compile_s may be cache reads: JAX's persistent compilation cache is on ({path}); unset it" if on else ""

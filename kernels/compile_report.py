@@ -151,7 +151,8 @@ def _attention_variants(arch: int, dtype, quick: bool) -> list[_Variant]:
                 out.append(_Variant(
                     f"attn_{kind}", f"kernels.attention:{kernel}", name, size,
                     f"BLOCK_M={bm} BLOCK_N={bn} warps={cfg.num_warps} stages={cfg.num_stages}", pointers,
-                    constexprs, unit_strides, ("sm_scale", "softcap"), cfg.num_warps, cfg.num_stages))
+                    constexprs, unit_strides, ("sm_scale", "softcap"), cfg.num_warps, cfg.num_stages,
+                    maxnreg=cfg.maxnreg))
     for d in causal_dims:
         out.append(_Variant(
             "attn_bwd_preprocess", "kernels.attention:_attn_bwd_preprocess_kernel", name, f"D={d}",
@@ -165,7 +166,7 @@ def _norm_variants(dtype: str, quick: bool) -> list[_Variant]:
     """LayerNorm and RMSNorm (kernels.norm): every (BLOCK_N, warps) the launcher can pick, with the residual, the
     weight (and LayerNorm's bias) on, aligned and unaligned. quick: the smallest and the largest block (single-pass
     and chunked), unaligned only at the largest."""
-    from kernels import norm, utils
+    from kernels import utils
 
     largest = utils.LN_MAX_BLOCK
     blocks = (16, largest) if quick else [1 << i for i in range(4, largest.bit_length())]
@@ -176,7 +177,7 @@ def _norm_variants(dtype: str, quick: bool) -> list[_Variant]:
     out = []
     for block in blocks:
         rows, _, warps = utils.ln_block_config(block)
-        cap = norm.register_cap(warps)
+        cap = utils.register_cap(warps)
         for single in (True, False) if block == largest else (True,):
             for aligned in (True, False) if block == largest or not quick else (True,):
                 size = f"BLOCK_N={block}" + ("" if single else " chunked") + ("" if aligned else " unaligned")

@@ -257,17 +257,8 @@ def _bwd_programs(m: int, rows: int, x: torch.Tensor) -> int:
     return max(1, min(tiles, 4 if utils.interpreting() or not x.is_cuda else 2 * utils.num_sms(x)))
 
 
-def register_cap(num_warps: int) -> int:
-    """Registers a thread of a `num_warps` program may use: the SM's 65536 over the program's threads (at most 255).
-
-    The norm launches pass it as `maxnreg` (128 at 16 warps, which is the hardware's limit anyway): left implicit,
-    Triton 3.6's ptxas aims at 64 for 512-thread programs and spills 8 bytes in some builds (kernels.compile_report).
-    """
-    return min(255, 65536 // (32 * num_warps))
-
-
 def _launch_options(num_warps: int) -> dict:
-    return dict(num_warps=num_warps, maxnreg=register_cap(num_warps), **utils.LAUNCH_OPTIONS)
+    return dict(num_warps=num_warps, maxnreg=utils.register_cap(num_warps), **utils.LAUNCH_OPTIONS)
 
 
 def _stride(t: torch.Tensor | None) -> int:

@@ -220,3 +220,13 @@ def tanh(x):
             - 3.33332819422e-1) * z * x + x
     far = 1.0 - 2.0 / (tl.math.exp2(tl.minimum(tl.abs(x), 15.0) * 2.8853900817779268) + 1.0)  # 2·log2(e)
     return tl.where(tl.abs(x) < 0.625, poly, tl.where(x < 0, -far, far))
+
+
+def register_cap(num_warps: int) -> int:
+    """Registers a thread of a `num_warps` program may use: the SM's 65536 over the program's threads (at most 255).
+
+    The norm launches pass it as `maxnreg`: left implicit, Triton 3.6's ptxas aims at half of it for 512-thread
+    programs and spills a few bytes rather than use more (`python -m kernels.compile_report`). Attention does not:
+    there it made ptxas spill where it did not before.
+    """
+    return min(255, 65536 // (32 * num_warps))

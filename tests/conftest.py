@@ -1,11 +1,19 @@
 """Test-session set-up. Environment first: Triton reads TRITON_INTERPRET when it is imported."""
 
 import os
+import tempfile
 
 # JAX must not take 75% of a GPU's memory at first use: torch shares the GPU in the same test process.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 # Parity tests compare float32 results: keep JAX's matmuls in full precision on every backend.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# One XLA compilation cache for the session, in this process and the trainers and CLIs it starts: many tests compile
+# the same tiny programs (a resumed run, the other process of a pair). A fresh folder per session, so nothing carries
+# over between runs; the bench's compile timings are measured by the bench, never by the tests.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax-cache-")
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 def pytest_configure(config):
