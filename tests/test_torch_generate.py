@@ -144,6 +144,25 @@ def test_prompts_of_different_lengths_get_what_they_get_alone(model, impl, use_c
     assert model.training
 
 
+def test_the_triton_kernel_takes_padded_prompts(model):
+    """attn_impl="triton" (the Triton interpreter on CPU): the prefill and every decode step run the kernel, rows
+    limited to their real keys (kv_start/kv_end), and give sdpa's tokens."""
+    from kernels import utils
+
+    if not utils.interpreting():
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, as the CPU suite sets it)")
+    prompts = prompts_of([4, 1, 6], seed=2)
+    model.attn_impl = "sdpa"
+    expected = generate(model, prompts, 5)
+    model.attn_impl = "triton"
+    utils.reset_dispatch_counts()
+    try:
+        assert torch.equal(generate(model, prompts, 5), expected)
+    finally:
+        model.attn_impl = "sdpa"
+    assert utils.dispatch_counts()[("flash_attn_fwd", "interpreter")] == 5 * CFG.n_layers  # prefill + 4 steps
+
+
 def test_a_padded_tensor_with_lengths_is_the_same_batch(model):
     prompts = prompts_of([5, 2, 4], seed=1)
     padded = torch.full((3, 5), 150)  # whatever is in the padding is never read
