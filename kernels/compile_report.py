@@ -156,9 +156,9 @@ def _attention_variants(arch: int, dtype, quick: bool) -> list[_Variant]:
     for d in causal_dims:
         out.append(_Variant(
             "attn_bwd_preprocess", "kernels.attention:_attn_bwd_preprocess_kernel", name, f"D={d}",
-            f"BLOCK_M={fa.PREPROCESS_BLOCK_M} warps=4", {"DELTA": "fp32"},
+            f"BLOCK_M={fa.PREPROCESS_BLOCK_M} warps={fa.PREPROCESS_WARPS}", {"DELTA": "fp32"},
             dict(HEAD_DIM=d, BLOCK_D=utils.head_block(d), BLOCK_M=fa.PREPROCESS_BLOCK_M),
-            ("stride_od", "stride_dod"), (), 4, 3))
+            ("stride_od", "stride_dod"), (), fa.PREPROCESS_WARPS, 3, maxnreg=utils.register_cap(fa.PREPROCESS_WARPS)))
     return out
 
 
@@ -326,12 +326,31 @@ def compile_report(quick: bool = False, archs: tuple[int, ...] = ARCHS, only: st
     return [CompileRow(**row) for row in json.loads(done.stdout)]
 
 
+# The Triton the candidate tables are chosen on: every build it makes must be clean.
+TUNED_TRITON = (3, 9)
+
+
+def failures(rows: list[CompileRow]) -> list[CompileRow]:
+    """The rows that fail the report. On the tuned Triton (or newer), every row that is not `ok`. On an older one
+    (Triton 3.6's ptxas spills a few bytes in some candidates 3.9 builds clean), a build fails only when none of its
+    autotuning candidates is clean; a spilling candidate beside a clean one is listed, not failed: the autotuner
+    times them all. Shared memory over the chip's limit fails everywhere."""
+    from kernels import utils
+
+    if utils.triton_version() >= TUNED_TRITON:
+        return [r for r in rows if not r.ok]
+    clean = {(r.kernel, r.arch, r.dtype, r.size) for r in rows if r.ok}
+    return [r for r in rows if not r.ok and ((r.kernel, r.arch, r.dtype, r.size) not in clean
+                                             or r.smem_bytes > r.smem_limit)]
+
+
 def format_table(rows: list[CompileRow]) -> str:
-    """The rows as a fixed-width text table."""
+    """The rows as a fixed-width text table ("spills": tolerated on an older Triton, see `failures`)."""
+    failed = {id(r) for r in failures(rows)}
     head = ("kernel", "arch", "dtype", "size", "config", "regs", "spill", "smem", "limit", "mma", "ok")
     body = [(r.kernel, f"sm_{r.arch}", r.dtype, r.size, r.config,
              str(r.registers), str(r.spill_bytes), str(r.smem_bytes), str(r.smem_limit), r.mma,
-             "ok" if r.ok else "FAIL") for r in rows]
+             "FAIL" if id(r) in failed else "ok" if r.ok else "spills") for r in rows]
     widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in [head, *body]]
     return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
@@ -351,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps([dataclasses.asdict(r) for r in rows]) if args.json else format_table(rows))
-    return 0 if args.json or all(r.ok for r in rows) else 1
+    return 0 if args.json or not failures(rows) else 1
 
 
 if __name__ == "__main__":

@@ -72,3 +72,19 @@ def test_table(rows):
     table = report.format_table(rows)
     assert table.splitlines()[0].split()[:5] == ["kernel", "arch", "dtype", "size", "config"]
     assert len(table.splitlines()) == len(rows) + 2
+
+
+def test_an_older_triton_may_spill_in_a_candidate_beside_a_clean_one(monkeypatch):
+    """The report's rule: on the tuned Triton every build is clean; on an older one a spilling autotuning candidate
+    passes only beside a clean candidate of the same build, and too much shared memory fails everywhere."""
+    def row(config, spill, size="D=64 causal", smem=1000):
+        return report.CompileRow("attn_fwd", 80, "bf16", size, config, 100, spill, smem, 166_912, "mma", 0.1)
+
+    clean, spills, alone, too_big = row("a", 0), row("b", 8), row("c", 8, "D=80 causal"), row("d", 0, smem=10**6)
+    rows = [clean, spills, alone, too_big]
+    monkeypatch.setattr(utils, "triton_version", lambda: report.TUNED_TRITON)
+    assert report.failures(rows) == [spills, alone, too_big]
+    monkeypatch.setattr(utils, "triton_version", lambda: (3, 6))
+    assert report.failures(rows) == [alone, too_big]
+    status = [line.split()[-1] for line in report.format_table(rows).splitlines()[2:]]
+    assert status == ["ok", "spills", "FAIL", "FAIL"]
