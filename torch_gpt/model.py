@@ -65,9 +65,10 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.pos = torch.zeros((), dtype=torch.long, device=self.k[0].device)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=self.k[0].device)
+        self.offsets = torch.arange(max_len, device=self.k[0].device)  # (S,) made once: a decode step is tiny ops
         self.reset(start)
         if self.pos.device.type == "cuda":  # CUDA graphs then read and write them in place instead of copying them
-            for t in (*self.k, *self.v, self.pos, self.start):
+            for t in (*self.k, *self.v, self.pos, self.start, self.offsets):
                 torch._dynamo.mark_static_address(t)
 
     @property
@@ -89,7 +90,7 @@ class KVCache:
 
     def slots(self, t: int) -> torch.Tensor:
         """(T,) the slots the next T positions go to."""
-        return self.pos + torch.arange(t, device=self.pos.device)
+        return self.pos + self.offsets[:t]
 
     def positions(self, t: int) -> torch.Tensor:
         """(B, T) position ids of the next T tokens, counted from each row's first real slot (0 on padding)."""
@@ -102,7 +103,7 @@ class KVCache:
         if self.fresh and not self.padded:
             return None
         i = self.slots(t)[:, None]  # (T, 1)
-        j = torch.arange(t if self.fresh else self.max_len, device=self.pos.device)  # (S,)
+        j = self.offsets[:t] if self.fresh else self.offsets  # (S,)
         seen = (j <= i) & (j >= self.start[:, None, None])  # (B, T, S)
         return (seen | (j == i))[:, None]
 
@@ -160,8 +161,9 @@ def cached_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
         return kernels.flash_attention(q, k, v, causal=True, kv_start=cache.start.int() if cache.padded else None,
                                        kv_end=torch.full((b,), t, dtype=torch.int32, device=q.device)
                                        if cache.padded else None)
+    # repeat, not expand: the kernel reads kv_end[b] at b's offset, and an expanded tensor has stride 0.
     return kernels.flash_attention(q, k, v, causal=True, kv_start=cache.start.int(),
-                                   kv_end=(cache.pos + 1).int().expand(b))
+                                   kv_end=(cache.pos + 1).int().repeat(b))
 
 
 def make_layer_norm(config: GPTConfig, norm_impl: str) -> nn.Module:
