@@ -767,7 +767,8 @@ def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, sm_scale: float, win
     (dense batch) key ranges `kv_range`."""
     none = _no_index(q.device)
     cu_q, cu_k = (_aligned(x) for x in cu) if cu is not None else (none, none)
-    kv_start, kv_end = (_aligned(x) for x in kv_range) if kv_range is not None else (none, none)
+    # The kernel reads KV_START[b] at offset b: a strided or expanded (stride 0) range tensor is made dense first.
+    kv_start, kv_end = (_aligned(x.contiguous()) for x in kv_range) if kv_range is not None else (none, none)
     heads, kv_heads = q.shape[1], k.shape[1]  # (B, H, T, D) or packed (total, H, D)
     d = q.shape[-1]
     return dict(

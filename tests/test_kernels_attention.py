@@ -258,6 +258,18 @@ def test_padding_with_decoding_and_window():
     check_attention(2, 2, 1, 45, 16, torch.float32, causal=True, window=(7, -1), kv_range=([5, 0], [45, 30]))
 
 
+def test_key_ranges_may_be_expanded_or_strided_views():
+    """kv_start / kv_end as views (an expanded scalar, every other element): the same as dense copies."""
+    q = torch.randn(3, 2, 1, 16)  # one query each against a cache, as a decode step
+    k, v = (torch.randn(3, 2, 20, 16) for _ in range(2))
+    end = torch.tensor(10, dtype=torch.int32).expand(3)  # stride 0: the cache's fill level for every row
+    start = torch.tensor([4, 0, 0, 0, 2, 0], dtype=torch.int32)[::2]  # stride 2
+    got = kernels.flash_attention(q, k, v, causal=True, kv_start=start, kv_end=end)
+    want = kernels.flash_attention(q, k, v, causal=True, kv_start=start.clone(), kv_end=end.clone())
+    assert torch.equal(got, want)
+    assert utils.last_path("flash_attn_fwd") == "interpreter"
+
+
 def test_padded_keys_are_never_visited(monkeypatch):
     q = torch.randn(1, 1, 64, 16)
     calls = _count_key_tiles(monkeypatch)
