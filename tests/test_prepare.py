@@ -304,10 +304,11 @@ def start_and_signal(tmp_path: Path, out: Path, sig: int) -> subprocess.Complete
     p = subprocess.Popen([sys.executable, "-m", "gpt_core.data", "prepare", str(corpus), "--out", str(out),
                           "--workers", "2", "--shard-tokens", "20000", "--val-tokens", "1000", "--no-progress"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a loaded machine: the signal must land mid-run, not in the exit
     while not list(out.glob(".*.bin.tmp")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     assert p.poll() is None, "prepare finished before it could be interrupted"
+    assert list(out.glob(".*.bin.tmp")), "no shard was being written after 180 s"
     os.kill(p.pid, sig)
     stdout, stderr = p.communicate(timeout=60)
     return subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
