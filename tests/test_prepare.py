@@ -301,9 +301,14 @@ def start_and_signal(tmp_path: Path, out: Path, sig: int) -> subprocess.Complete
     if not corpus.exists():
         line = json.dumps({"text": SAMPLE}) + "\n"
         corpus.write_text(line * 400, encoding="utf-8")  # 8 MB, 2M tokens
+    # Ctrl-C as a terminal delivers it, to a process that does not ignore SIGINT: a suite started in the background
+    # by a non-interactive shell (`make test &`) ignores SIGINT, as POSIX has it, and the child would inherit that.
+    import signal
+
     p = subprocess.Popen([sys.executable, "-m", "gpt_core.data", "prepare", str(corpus), "--out", str(out),
                           "--workers", "2", "--shard-tokens", "20000", "--val-tokens", "1000", "--no-progress"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 180  # a loaded machine: the signal must land mid-run, not in the exit
     while not list(out.glob(".*.bin.tmp")) and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
