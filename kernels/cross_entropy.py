@@ -15,11 +15,12 @@ their gradient). Per chunk:
    into a float32 accumulator of d(weight) (and `g.sum(0)` into d(bias)).
 
 Gradients are computed in the forward (Liger's approach) for reduction "mean" and "sum": their backward only
-scales the saved gradients by the scalar grad_output. That costs no extra GEMM (recomputing the logits in the
-backward, as Apple's Cut Cross-Entropy does, adds a fourth GEMM of 2·N·V·C, about 10% of a GPT-2 training
-step), and no peak memory in training: the loss is the forward's last op and its backward runs next, so the
-saved d(hidden) (N, C) and d(weight) (V, C) would be allocated at that moment anyway. Without gradients
-(`torch.no_grad()`, eval, inputs that need none) only the loss is computed. Reduction "none" cannot work that
+scales the saved gradients by the scalar grad_output, in place (a scaled copy of d(weight) would be the loss's
+largest allocation; a second backward through a retained graph recomputes them instead). That costs no extra
+GEMM (recomputing the logits in the backward, as Apple's Cut Cross-Entropy does, adds a fourth GEMM of 2·N·V·C,
+about 10% of a GPT-2 training step), and no peak memory in training: the loss is the forward's last op and its
+backward runs next, so the saved d(hidden) (N, C) and d(weight) (V, C) would be allocated at that moment anyway.
+Without gradients (`torch.no_grad()`, eval, inputs that need none) only the loss is computed. Reduction "none" cannot work that
 way (the per-row grad_output must weigh each row before the rows are summed into d(weight)), so its forward
 computes only the losses and its backward recomputes the logits chunk by chunk.
 
@@ -318,26 +319,43 @@ def _(grad_loss, hidden, weight, bias, targets, ignore_index, label_smoothing, s
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, targets, ignore_index, label_smoothing, softcap, reduction, chunk, *_ = inputs
     _, dh, dw, db = output
-    ctx.reduction, ctx.has_bias = reduction, bias is not None
-    if reduction == "none":  # the backward recomputes from the inputs
-        ctx.options = (ignore_index, label_smoothing, softcap, chunk)
-        ctx.save_for_backward(hidden, weight, bias, targets)
-    else:  # the forward's gradients, to be scaled by grad_output
-        ctx.save_for_backward(dh, dw, db)
+    ctx.reduction, ctx.has_bias, ctx.scaled = reduction, bias is not None, False
+    ctx.options = (ignore_index, label_smoothing, softcap, chunk)
+    # The inputs are for the backward that recomputes ("none", or a second backward through a retained graph); they
+    # cost nothing, as the weight is a parameter and any model's lm_head GEMM saves hidden. dh, dw, db: the
+    # gradients of "mean" / "sum" (empty for "none").
+    ctx.save_for_backward(hidden, weight, bias, targets, dh, dw, db)
     ctx.mark_non_differentiable(dh, dw, db)
+
+
+def _in_place(t: torch.Tensor) -> bool:
+    """Whether the backward may scale `t` in place: a plain eager tensor. Traced backwards (torch.compile,
+    opcheck's AOT tests: fake and functional tensors) scale out of place, and the compiler plans the memory."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
 def _backward(ctx, dloss: torch.Tensor, _dh, _dw, _db):
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_b = need_b and ctx.has_bias
-    if ctx.reduction == "none":
-        hidden, weight, bias, targets = ctx.saved_tensors
+    hidden, weight, bias, targets, *grads = ctx.saved_tensors
+    if ctx.reduction != "none" and not ctx.scaled:  # the forward's gradients, times a 0-dim float32 dloss
+        if all(_in_place(g) for g in grads):
+            # In place: a scaled copy of d(weight), V × C, would be the loss's largest allocation. Through `.data`,
+            # so autograd's version check does not refuse a later backward, which `ctx.scaled` sends to recompute.
+            for g, want in zip(grads, (need_h, need_w, need_b), strict=True):
+                if want:
+                    g.data.mul_(dloss)
+            dh, dw, db = grads
+            ctx.scaled = True
+        else:
+            dh, dw, db = (g * dloss if want else None for g, want in zip(grads, (need_h, need_w, need_b), strict=True))
+    else:  # "none", or a later backward through a retained graph: recompute from the inputs
+        ignore_index = ctx.options[0]
+        if ctx.reduction == "mean":  # each row's share of d(mean): dloss / rows not ignored
+            dloss = (dloss / (targets != ignore_index).sum()).expand(targets.shape)
+        elif ctx.reduction == "sum":
+            dloss = dloss.expand(targets.shape)
         dh, dw, db = _lce_bwd(dloss, hidden, weight, bias, targets, *ctx.options, need_h, need_w, need_b)
-    else:
-        dh, dw, db = ctx.saved_tensors
-        # A 0-dim float32 factor keeps each gradient's dtype. No in-place scaling: a second backward through a
-        # retained graph must find the saved gradients unchanged.
-        dh, dw, db = (g * dloss if want else None for g, want in ((dh, need_h), (dw, need_w), (db, need_b)))
     return (dh if need_h else None, dw if need_w else None, db if need_b else None) + (None,) * 9
 
 

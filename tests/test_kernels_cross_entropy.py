@@ -260,7 +260,7 @@ def test_memory_stays_within_a_chunk():
     # runs, so the previous chunk is freed only after the next one is allocated (compiled launches hold nothing:
     # test_one_chunk_of_logits_at_a_time, which collects, and the GPU test).
     chunk_bytes = 64 * v * 4
-    grads_bytes = (2 * n * c + 2 * v * c) * 4  # d(hidden), d(weight) (saved and scaled by grad_output)
+    grads_bytes = (n * c + v * c) * 4  # d(hidden), d(weight): scaled by grad_output in place, no copies
     assert fused <= 2 * chunk_bytes + grads_bytes + 64 * 1024, (fused, chunk_bytes, grads_bytes)
     assert plain >= 2 * logits_bytes
 
@@ -296,14 +296,34 @@ def test_no_gradients_without_autograd(monkeypatch):
     assert dh.shape == h.shape and dw.numel() == 0 and db.numel() == 0 and not calls
 
 
-def test_retained_graph_backward_twice():
-    """The saved gradients are scaled out of place: a second backward gives the same gradients again."""
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignored", [0.25, 1.0])
+def test_retained_graph_backward_twice(reduction, ignored):
+    """The first backward scales the forward's gradients in place; a second backward through the retained graph
+    recomputes them: the same gradients (for any grad_output), and the first call's tensors left as they were."""
+    h, w, _, t = make_inputs((17,), 127, 16, torch.float32, ignored=ignored)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    loss = kernels.linear_cross_entropy(h, w, t, reduction=reduction)
+    first = torch.autograd.grad(loss * 3, (h, w), retain_graph=True)
+    kept = [g.clone() for g in first]
+    second = torch.autograd.grad(loss * 0.5, (h, w), retain_graph=True)
+    third = torch.autograd.grad(loss * 3, (h, w))
+    for a, b, c, k in zip(first, second, third, kept, strict=True):
+        assert torch.equal(a, k)  # not changed by the later backwards
+        assert rel_error(c, a) < 1e-6 and rel_error(b * 6, a) < 1e-6
+
+
+def test_backward_scales_in_place():
+    """No copy of d(weight) in the backward: the gradient autograd hands out is the forward's own buffer."""
     h, w, _, t = make_inputs((17,), 127, 16, torch.float32)
-    h.requires_grad_()
+    h, w = h.requires_grad_(), w.requires_grad_()
     loss = kernels.linear_cross_entropy(h, w, t)
-    first = torch.autograd.grad(loss * 3, h, retain_graph=True)[0]
-    second = torch.autograd.grad(loss * 3, h)[0]
-    assert torch.equal(first, second)
+    node = loss.grad_fn
+    while not hasattr(node, "scaled"):  # the op's node, under any view the wrapper adds
+        node = node.next_functions[0][0]
+    forward_dw = node.saved_tensors[5].data_ptr()  # no reference kept: one would make autograd copy the gradient
+    (loss * 2).backward()
+    assert w.grad.data_ptr() == forward_dw
 
 
 def test_tied_weight_gradients_add_up():
