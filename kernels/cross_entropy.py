@@ -20,9 +20,9 @@ largest allocation; a second backward through a retained graph recomputes them i
 GEMM (recomputing the logits in the backward, as Apple's Cut Cross-Entropy does, adds a fourth GEMM of 2·N·V·C,
 about 10% of a GPT-2 training step), and no peak memory in training: the loss is the forward's last op and its
 backward runs next, so the saved d(hidden) (N, C) and d(weight) (V, C) would be allocated at that moment anyway.
-Without gradients (`torch.no_grad()`, eval, inputs that need none) only the loss is computed. Reduction "none" cannot work that
-way (the per-row grad_output must weigh each row before the rows are summed into d(weight)), so its forward
-computes only the losses and its backward recomputes the logits chunk by chunk.
+Without gradients (`torch.no_grad()`, eval, inputs that need none) only the loss is computed. Reduction "none"
+cannot work that way (the per-row grad_output must weigh each row before the rows are summed into d(weight)), so
+its forward computes only the losses and its backward recomputes the logits chunk by chunk.
 
 Semantics are `F.cross_entropy(logits.float(), targets, ignore_index=..., reduction=..., label_smoothing=...)`
 with logits = softcap·tanh(z / softcap) when `softcap` is given (Gemma 2): rows whose target is `ignore_index`
