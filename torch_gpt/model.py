@@ -31,6 +31,7 @@ from gpt_core.checkpoint import (
 from gpt_core.config import GPTConfig
 from gpt_core.params import init_rule, sinusoidal_table
 from torch_gpt import convert
+from torch_gpt.linear import Linear
 
 ATTN_IMPLS = ("math", "sdpa", "triton")
 NORM_IMPLS = ("torch", "triton")
@@ -193,8 +194,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, attn_impl: str):
         super().__init__()
         self.n_heads, self.drop_rate, self.attn_impl = config.n_heads, config.drop_rate, attn_impl
-        self.c_attn = nn.Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
-        self.c_proj = nn.Linear(config.emb_dim, config.emb_dim)
+        self.c_attn = Linear(config.emb_dim, 3 * config.emb_dim, bias=config.qkv_bias)
+        self.c_proj = Linear(config.emb_dim, config.emb_dim)
         self.resid_dropout = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
@@ -221,9 +222,9 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.emb_dim, config.hidden_dim)
+        self.c_fc = Linear(config.emb_dim, config.hidden_dim)
         self.gelu = nn.GELU(approximate="tanh" if config.gelu == "tanh" else "none")
-        self.c_proj = nn.Linear(config.hidden_dim, config.emb_dim)
+        self.c_proj = Linear(config.hidden_dim, config.emb_dim)
         self.dropout = nn.Dropout(config.drop_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,7 +280,7 @@ class GPTModel(nn.Module):
         self.drop = nn.Dropout(config.drop_rate)
         self.h = nn.ModuleList(Block(config, attn_impl, norm_impl) for _ in range(config.n_layers))
         self.ln_f = make_layer_norm(config, norm_impl)
-        self.lm_head = nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.emb_dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.attn_impl, self.remat = attn_impl, remat
