@@ -321,9 +321,9 @@ def _setup_context(ctx, inputs, output) -> None:
     _, dh, dw, db = output
     ctx.reduction, ctx.has_bias, ctx.scaled = reduction, bias is not None, False
     ctx.options = (ignore_index, label_smoothing, softcap, chunk)
-    # The inputs are for the backward that recomputes ("none", or a second backward through a retained graph); they
-    # cost nothing, as the weight is a parameter and any model's lm_head GEMM saves hidden. dh, dw, db: the
-    # gradients of "mean" / "sum" (empty for "none").
+    # The inputs are for the backward that recomputes ("none", or a second backward through a retained graph): the
+    # weight is a parameter, and hidden (N, C) is what a plain lm_head's GEMM saves too. dh, dw, db: the gradients
+    # of "mean" / "sum" (empty for "none").
     ctx.save_for_backward(hidden, weight, bias, targets, dh, dw, db)
     ctx.mark_non_differentiable(dh, dw, db)
 

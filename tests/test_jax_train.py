@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,7 +69,7 @@ def test_scan_layers_and_remat_train_the_same_and_resume_unrolled(setup):
     if not (d / "full").exists():
         jax_main(args + ["--out", str(d / "full")])
     assert jax_main(args + ["--out", str(d / "scanned"), "--scan-layers", "--remat", "dots", "--stop-after", "2"]) == 0
-    assert jax_main(args + ["--out", str(d / "scanned"), "--resume"]) == 0
+    assert jax_main(args + ["--out", str(d / "scanned"), "--resume", "--no-scan-layers"]) == 0
     assert max_rel(losses(d / "full")[0], losses(d / "scanned")[0]) <= 1e-5
 
 
@@ -94,7 +95,7 @@ def test_four_devices_equal_one(setup, fsdp, scan):
         assert jax_main(args + ["--out", str(d / "one")]) == 0
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     cmd = [sys.executable, "-m", "jax_gpt.train", *args, "--out", str(d / f"four_{tag}")] + (["--fsdp"] if fsdp else [])
-    cmd += ["--scan-layers"] if scan else []
+    cmd += ["--scan-layers"] if scan else ["--no-scan-layers"]  # "one" ran scanned, the default
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "on 4 x cpu" in run.stdout
@@ -190,3 +191,26 @@ def test_ctrl_c_writes_an_exact_checkpoint(setup):
     assert proc.returncode == 130, stderr[-2000:]
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == len(losses(out)[0]) >= 2 and "continue with --resume" in stdout
+
+
+
+def test_weight_decay_spares_biases_and_norms_when_scanned():
+    """AdamW decays the same arrays whichever way the blocks run: a scanned model's biases and LayerNorm scales
+    are 2-D (a layer axis first) and must not decay. With zero gradients the update is the decay term alone."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gpt_core.training import OptimizerConfig
+    from jax_gpt import GPTModel, convert
+    from jax_gpt.train import make_optimizer
+
+    def decayed(scan):
+        params = nnx.state(GPTModel(CFG, rngs=nnx.Rngs(0), scan_layers=scan), nnx.Param)
+        tx = make_optimizer(OptimizerConfig(weight_decay=0.5, grad_clip=0.0))
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        return {name for name, u in convert.to_canonical(updates).items() if np.any(u != 0)}
+
+    unrolled = decayed(False)
+    assert unrolled and not any(".ln_" in n or n.endswith(".bias") or n.startswith("ln_f") for n in unrolled)
+    assert decayed(True) == unrolled
