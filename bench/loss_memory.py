@@ -5,8 +5,9 @@ Two parts (--part, both by default):
 
 loss   the loss alone, forward and backward, from (B, T, C) hidden states and the (V, C) lm_head weight, both
        requiring gradients: what the loss itself costs, apart from the model.
-       - torch: `saved_mb`, the storages autograd's saved-tensor hooks see (the inputs left out), and `peak_mb`,
-         the peak allocated above the inputs while the forward and the backward run: on CPU from the profiler's
+       - torch: `saved_mb`, the storages autograd's saved-tensor hooks see (the inputs, targets included, left
+         out), and `peak_mb`, the peak allocated above the inputs while the forward and the backward run: on CPU
+         from the profiler's
          memory events (every allocation and free of the CPU allocator, inside custom ops too:
          `allocation_peak`), on CUDA `max_memory_allocated`. The peak includes what is saved and the two
          gradients, which every implementation must produce.
@@ -154,7 +155,7 @@ def _torch_loss(config: GPTConfig, impl: str, x: np.ndarray, y: np.ndarray, dtyp
         fn = lambda: cross_entropy_loss(F.linear(hidden, weight), targets)  # noqa: E731
     else:
         fn = lambda: kernels.linear_cross_entropy(hidden, weight, targets)  # noqa: E731
-    m = _torch_memory(fn, exclude=(hidden, weight))
+    m = _torch_memory(fn, exclude=(hidden, weight, targets))  # the loss's inputs: both impls keep them
 
     def step():
         hidden.grad = weight.grad = None
