@@ -7,9 +7,8 @@ loss   the loss alone, forward and backward, from (B, T, C) hidden states and th
        requiring gradients: what the loss itself costs, apart from the model.
        - torch: `saved_mb`, the storages autograd's saved-tensor hooks see (the inputs, targets included, left
          out), and `peak_mb`, the peak allocated above the inputs while the forward and the backward run: on CPU
-         from the profiler's
-         memory events (every allocation and free of the CPU allocator, inside custom ops too:
-         `allocation_peak`), on CUDA `max_memory_allocated`. The peak includes what is saved and the two
+         from the profiler's memory events (every allocation and free of the CPU allocator, inside custom ops
+         too: `allocation_peak`), on CUDA `max_memory_allocated`. The peak includes what is saved and the two
          gradients, which every implementation must produce.
        - jax: `temp_mb`, the compiled forward+backward's temporary buffers (`memory_analysis()`: XLA's own buffer
          assignment after fusion and scheduling), and `out_mb`, its outputs (the loss and the two gradients).

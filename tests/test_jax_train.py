@@ -193,7 +193,6 @@ def test_ctrl_c_writes_an_exact_checkpoint(setup):
     assert state["step"] == len(losses(out)[0]) >= 2 and "continue with --resume" in stdout
 
 
-
 def test_weight_decay_spares_biases_and_norms_when_scanned():
     """AdamW decays the same arrays whichever way the blocks run: a scanned model's biases and LayerNorm scales
     are 2-D (a layer axis first) and must not decay. With zero gradients the update is the decay term alone."""

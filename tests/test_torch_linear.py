@@ -10,11 +10,11 @@ from torch_gpt.linear import Linear, blocked_linear
 
 
 @pytest.mark.parametrize("n, k, lead", [(50257, 64, (1, 1)), (2304, 768, (4, 1)), (768, 3072, (2, 3)),
-                                        (513, 16, (5,)), (512, 7, (64,))])
+                                        (513, 16, (5,)), (512, 7, (64,)), (600, 8, (0,))])
 @pytest.mark.parametrize("bias", [True, False])
 def test_blocked_linear_is_linear(n, k, lead, bias):
     """Against float64: as accurate as F.linear in float32 (the rows left over by the blocks included: 50257, 513
-    are not multiples of 8), same shape, contiguous."""
+    are not multiples of 8; no rows at all), same shape, contiguous."""
     gen = torch.Generator().manual_seed(n + k)
     w, x = torch.randn(n, k, generator=gen), torch.randn(*lead, k, generator=gen)
     b = torch.randn(n, generator=gen) if bias else None

@@ -1,13 +1,13 @@
 """`nn.Linear` with a faster CPU path for the few rows of a decode step.
 
 On CPU, PyTorch's GEMM for a thin `x @ W.T` (a handful of rows, W stored (out, in) as nn.Linear holds it) runs
-far below the machine's memory bandwidth: on this project's 2-core CPU (torch 2.13) GPT-2's tied lm_head,
-(50,257 × 768) float32, takes 16–18 ms for one row, reading its 154 MB at 9 GB/s on one thread where the two
-cores read 28 GB/s, and 42 ms for four rows. The same product as one `bmm` over 8 row blocks of W, read in place,
-runs 9.3 ms for one row and 13.4 ms for four, and every GPT-2 layer's matmul gains likewise at 4 to 64 rows
-(measured with `torch.utils.benchmark`-style medians; `python -m bench speed --phase decode` shows the effect on
-a whole step). Inference only: under autograd, and on other devices, `F.linear` as always (cuBLAS has no such
-gap, and training's aten.mm/addmm are what `remat="dots"` keeps).
+far below the machine's memory bandwidth. Measured on a 2-core AMD EPYC (torch 2.13, medians of repeated calls):
+GPT-2's tied lm_head, (50,257 × 768) float32, took 16–18 ms for one row, reading its 154 MB at 9 GB/s (no faster
+on two threads than on one) where the machine sums a buffer at 18–21 GB/s, and 42 ms for four rows. The same
+product as one `bmm` over 8 row blocks of W, read in place, took 9.3 ms for one row and 13.4 ms for four; streamed
+over all of GPT-2's weights, 15 against 8.3 GB/s at one row and 11.2 against 4.0 at four. `python -m bench speed
+--phase decode` shows the effect on a whole step. Inference only: under autograd, and on other devices,
+`F.linear` as always (cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"` keeps).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     rows = n // BLOCKS
     xt = x.reshape(-1, k).t()  # (K, M)
     y = torch.bmm(weight.as_strided((BLOCKS, rows, k), (rows * k, k, 1)), xt.expand(BLOCKS, *xt.shape))
-    y = y.reshape(BLOCKS * rows, -1)  # (N - N % BLOCKS, M)
+    y = y.reshape(BLOCKS * rows, xt.shape[1])  # (N - N % BLOCKS, M); M may be 0
     if BLOCKS * rows < n:
         y = torch.cat([y, weight[BLOCKS * rows:] @ xt])
     y = y.t()  # (M, N)
@@ -41,8 +41,9 @@ class Linear(nn.Linear):
     `blocked_linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.numel() <= MAX_ROWS * x.shape[-1] and self.weight.shape[0] >= 64 * BLOCKS
-                and self.weight.is_contiguous() and not (torch.is_grad_enabled() and
-                                                         (x.requires_grad or self.weight.requires_grad))):
+        few_rows = x.numel() <= MAX_ROWS * x.shape[-1]
+        splits = self.weight.shape[0] >= 64 * BLOCKS and self.weight.is_contiguous()  # blocks of >= 64 rows, as views
+        recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if x.device.type == "cpu" and few_rows and splits and not recorded:
             return blocked_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
