@@ -41,3 +41,8 @@ def test_linear_takes_the_blocked_path_only_for_inference_on_few_rows(monkeypatc
         assert len(calls) == 1
         out = layer(few)
     assert len(calls) == 2 and out.shape == (2, 3, 1024)
+
+
+def test_a_wrong_input_width_gets_linear_s_error():
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        Linear(16, 1024)(torch.randn(1, 15))

@@ -41,7 +41,8 @@ class Linear(nn.Linear):
     `blocked_linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few_rows = x.numel() <= MAX_ROWS * x.shape[-1]
+        # A wrong input width goes to F.linear too, for its usual error.
+        few_rows = x.shape[-1] == self.in_features and x.numel() <= MAX_ROWS * x.shape[-1]
         splits = self.weight.shape[0] >= 64 * BLOCKS and self.weight.is_contiguous()  # blocks of >= 64 rows, as views
         recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         if x.device.type == "cpu" and few_rows and splits and not recorded:
