@@ -14,7 +14,8 @@ loss   the loss alone, forward and backward, from (B, T, C) hidden states and th
          assignment after fusion and scheduling), and `out_mb`, its outputs (the loss and the two gradients).
 step   one training step of the whole model (forward, backward, AdamW), `loss_impl` plain against fused:
        torch `saved_mb` and `peak_mb` as above for the forward and backward; jax the compiled step's `temp_mb`.
-Both with the median time (`ms`). Fused rows carry `mem_vs_plain` (plain's peak_mb or temp_mb over theirs: the
+Both with the median time (`ms`); a JAX step that compiles but runs out of memory is an OOM row, its memory
+without a time. Fused rows carry `mem_vs_plain` (plain's peak_mb or temp_mb over theirs: the
 factor the fused loss saves) and `time_vs_plain` (their ms over plain's).
 """
 
@@ -81,7 +82,8 @@ def run(config: GPTConfig, *, batch: int, seq_len: int, dtype: str = "float32", 
             key = "peak_mb" if side == "torch" else "temp_mb"
             if plain.metrics.get(key) and fused.metrics.get(key):
                 fused.metrics["mem_vs_plain"] = plain.metrics[key] / fused.metrics[key]
-            fused.metrics["time_vs_plain"] = fused.metrics["ms"] / plain.metrics["ms"]
+            if "ms" in plain.metrics and "ms" in fused.metrics:  # not where one ran out of memory
+                fused.metrics["time_vs_plain"] = fused.metrics["ms"] / plain.metrics["ms"]
             rows += pair
     return rows
 
@@ -207,8 +209,20 @@ def _compiled(fn, *args) -> tuple[Any, dict[str, float]]:
 
     exe = jax.jit(fn).lower(*args).compile()
     stats = exe.memory_analysis()
-    m = {"temp_mb": stats.temp_size_in_bytes / MB, "out_mb": stats.output_size_in_bytes / MB} if stats else {}
+    m = {"temp_mb": stats.temp_size_in_bytes / MB, "out_mb": stats.output_size_in_bytes / MB,
+         "total_mb": (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
+                      - stats.alias_size_in_bytes) / MB} if stats else {}
     return exe, m
+
+
+def _host_available_mb() -> float | None:
+    """MemAvailable of /proc/meminfo in MB, or None where there is none (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 / MB
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _jax_loss(config: GPTConfig, impl: str, x: np.ndarray, y: np.ndarray, dtype: str, repeats: int,
@@ -257,7 +271,20 @@ def _jax_step(config: GPTConfig, impl: str, x: np.ndarray, y: np.ndarray, dtype:
         return optax.apply_updates(params, updates), opt_state, loss
 
     exe, m = _compiled(train_step, params, opt_state)
-    tm = timing.measure(lambda: exe(params, opt_state), timing.jax_sync, repeats, warmup=1)
+    name, label, shape = "train step", f"jax/xla loss_impl={impl}", f"L={config.n_layers} " + _shape(config, x)
+    note = "temp_mb: the compiled step's temporaries (parameters and optimizer state are its arguments)"
+    # The step is compiled, so its memory is known; one that cannot fit is reported, not run (on CPU the kernel's
+    # OOM killer would end the whole bench where XLA's allocator does not fail first).
+    available = _host_available_mb() if jax.devices()[0].platform == "cpu" else None
+    if available is not None and m.get("total_mb", 0) > available:
+        return Row("speed", name, label, dtype, shape, m, "OOM",
+                   f"{note}; needs {m['total_mb']:,.0f} MB, {available:,.0f} MB available: not run")
+    try:
+        tm = timing.measure(lambda: exe(params, opt_state), timing.jax_sync, repeats, warmup=1)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return Row("speed", name, label, dtype, shape, m, "OOM", f"{note}; out of memory running it, so not timed: "
+                   + str(e).splitlines()[0][:160])
     m |= {"ms": tm.median * 1e3, "spread": tm.spread}
-    return Row("speed", "train step", f"jax/xla loss_impl={impl}", dtype, f"L={config.n_layers} " + _shape(config, x),
-               m, "", "temp_mb: the compiled step's temporaries (parameters and optimizer state are its arguments)")
+    return Row("speed", name, label, dtype, shape, m, "", note)

@@ -422,8 +422,11 @@ def check_ids(idx: jax.Array, vocab_size: int) -> None:
             raise ValueError(f"token id {int(a[row, col])} is outside [0, {vocab_size}) (row {row}, position {col})")
 
 
-def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets, in float32."""
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array, ignore_index: int = -100) -> jax.Array:
+    """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets, in float32. Positions whose target
+    is `ignore_index` are left out of the mean, as `F.cross_entropy` does (NaN when every position is)."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match")
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+    valid = targets != ignore_index
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, targets, 0))
+    return jnp.where(valid, losses, 0.0).sum() / valid.sum()

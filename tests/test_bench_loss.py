@@ -67,3 +67,25 @@ def test_training_step_rows(tmp_path):
                                          "jax/xla loss_impl=plain", "jax/xla loss_impl=fused"]
     assert all(r["name"] == "train step" and r["shape"] == "L=2 B=4 T=128 C=64 V=50257" for r in rows)
     assert rows[1]["mem_vs_plain"] > 2 and rows[3]["mem_vs_plain"] > 2
+
+
+def test_a_jax_step_that_cannot_fit_is_reported_not_run(tmp_path, monkeypatch):
+    """A compiled step larger than the host's available memory (here made 1 MB) is an OOM row with its memory and
+    no time, and the run goes on (at gpt2, B=8, T=1024 JAX's step needs 24 GB: running it got the bench killed)."""
+    from bench import loss_memory
+
+    monkeypatch.setattr(loss_memory, "_host_available_mb", lambda: 1.0)
+    out = tmp_path / "rows.json"
+    assert main(["loss", "--side", "jax", "--part", "step", "--batch", "2", "--seq-len", "16", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    plain, fused = json.loads(out.read_text())["rows"]
+    for row in (plain, fused):
+        assert row["status"] == "OOM" and "ms" not in row and row["total_mb"] > row["temp_mb"] > 0
+        assert "1 MB available: not run" in row["note"]
+    assert "time_vs_plain" not in fused and fused["mem_vs_plain"] > 1
+
+
+def test_host_available_memory_is_read():
+    from bench import loss_memory
+
+    assert 0 < loss_memory._host_available_mb() < 2**40

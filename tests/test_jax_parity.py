@@ -3,6 +3,8 @@ gradient, greedy generation. CPU, float32, full matmul precision (conftest.py)."
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -107,3 +109,26 @@ def test_eos_padding_and_early_stop_match_torch(twins):
     single = np.asarray(jax_gpt.generate(model, prompt[:1], 20, eos_id=eos))
     stop = 12 + int(np.argmax(free[0, 12:] == eos)) + 1  # everyone done: stops early, as torch does
     np.testing.assert_array_equal(single, free[:1, :stop])
+
+
+@pytest.mark.parametrize("ignored", ["some", "all"])
+def test_plain_loss_ignores_minus_100_as_torch_does(ignored):
+    """Both plain losses leave out positions whose target is -100 (padding, a masked prompt), as F.cross_entropy
+    does: the mean over the rest, NaN when every position is ignored; the gradient zero on ignored rows."""
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((2, 5, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (2, 5))
+    if ignored == "all":
+        targets[:] = -100
+    else:
+        targets[0, 1] = targets[1, 3] = targets[1, 4] = -100
+    t_logits = torch.from_numpy(logits).requires_grad_()
+    t_loss = torch_gpt.cross_entropy_loss(t_logits, torch.from_numpy(targets))
+    loss, grad = jax.value_and_grad(cross_entropy_loss)(jnp.asarray(logits), jnp.asarray(targets, jnp.int32))
+    if ignored == "all":
+        assert np.isnan(t_loss.item()) and np.isnan(float(loss))
+        return
+    t_loss.backward()
+    assert_rel_close(loss, t_loss, 1e-6, "loss with ignored rows")
+    assert_rel_close(grad, t_logits.grad, 1e-6, "d(loss)/d(logits) with ignored rows")
+    assert not np.asarray(grad)[0, 1].any() and not np.asarray(grad)[1, 3:].any()

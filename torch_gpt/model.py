@@ -443,8 +443,9 @@ def check_ids(idx: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {int(idx[row, col])} is outside [0, {vocab_size}) (row {row}, position {col})")
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets, in float32."""
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T, V) logits against (B, T) targets, in float32. Positions whose target
+    is `ignore_index` are left out of the mean (NaN when every position is), as `F.cross_entropy` does."""
     if logits.shape[:-1] != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} do not match")
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
