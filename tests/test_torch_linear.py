@@ -24,23 +24,56 @@ def test_blocked_linear_is_linear(n, k, lead, bias):
     assert rel_error(y, exact) <= 2 * rel_error(F.linear(x, w, b), exact) + 1e-7
 
 
-def test_linear_takes_the_blocked_path_only_for_inference_on_few_rows(monkeypatch):
-    calls = []
+def test_linear_takes_the_blocked_path_only_where_its_probe_found_it_faster(monkeypatch):
+    """The first inference call of a row count probes both paths (timing the real input) and records the verdict;
+    later calls follow it; training, a prefill's many rows and a weight too small to split never probe or block."""
+    calls, probes = [], []
     monkeypatch.setattr(linear, "blocked_linear", lambda *a: calls.append(a) or F.linear(*a))
+    real_probe = linear._fastest_of
+    monkeypatch.setattr(linear, "_fastest_of", lambda *a: probes.append(a[0].shape) or real_probe(*a))
     layer = Linear(16, 1024)
     few, many = torch.randn(2, 3, 16), torch.randn(linear.MAX_ROWS + 1, 16)
     with torch.no_grad():
         layer(few)
-        assert len(calls) == 1
+    assert probes == [few.shape] and list(layer.blocked_faster) == [6]  # the probe itself ran both paths
+    calls.clear()
+    for verdict in (True, False):
+        layer.blocked_faster[6] = verdict  # as a probe on a CPU where it wins / loses would have found
+        with torch.inference_mode():
+            out = layer(few)
+        assert len(calls) == int(verdict) and out.shape == (2, 3, 1024)
+        calls.clear()
+    layer.blocked_faster[6] = True
+    with torch.no_grad():
         layer(many)  # a prefill's rows
-        assert len(calls) == 1
-    layer(few).sum().backward()  # training: F.linear, whose aten.mm/addmm remat="dots" keeps
-    assert len(calls) == 1 and layer.weight.grad is not None
-    with torch.inference_mode():
         Linear(16, 100)(few)  # too few output rows to split
-        assert len(calls) == 1
-        out = layer(few)
-    assert len(calls) == 2 and out.shape == (2, 3, 1024)
+    layer(few).sum().backward()  # training: F.linear, whose aten.mm/addmm remat="dots" keeps
+    assert calls == [] and probes == [few.shape] and layer.weight.grad is not None
+    assert "blocked_faster" not in str(layer.state_dict().keys())
+
+
+def test_calibrate_decides_before_a_compiled_step_which_follows_it():
+    """`calibrate` records a verdict for every splittable Linear; a compiled step takes it (here forced both
+    ways: the output is then bitwise that path's), and a verdict for another row count added later does not
+    recompile it."""
+    from torch._dynamo.utils import counters
+
+    model = torch.nn.Sequential(Linear(100, 1024), Linear(1024, 8))  # 100: the two paths round differently
+    linear.calibrate(model, 3)
+    assert set(model[0].blocked_faster) == {3} and model[1].blocked_faster == {}  # 8 output rows: never split
+    x = torch.randn(3, 100)
+    assert not torch.equal(blocked_linear(x, model[0].weight, None), F.linear(x, model[0].weight))
+    for verdict, path in ((True, blocked_linear), (False, F.linear)):
+        torch._dynamo.reset()
+        model[0].blocked_faster[3] = verdict
+        step = torch.compile(model[0], fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            y = step(x)
+            graphs = counters["stats"]["unique_graphs"]
+            model[0].blocked_faster[1] = not verdict
+            assert torch.equal(step(x), y) and counters["stats"]["unique_graphs"] == graphs
+        del model[0].blocked_faster[1]
+        assert torch.equal(y, path(x, model[0].weight, model[0].bias))
 
 
 def test_a_wrong_input_width_gets_linear_s_error():

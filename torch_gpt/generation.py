@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from gpt_core.generation import check_lengths, check_sampling_args, pad_prompts
+from torch_gpt.linear import calibrate
 from torch_gpt.model import GPTModel, KVCache, check_ids
 
 # torch.compile'd steps and their caches, per model: {(batch, slots, dtype, device): KVCache}, reused across calls
@@ -182,6 +183,8 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
         if compile:
             slots = min(ctx, -(-slots // COMPILED_SLOTS_MULTIPLE) * COMPILED_SLOTS_MULTIPLE)
         prefill, decode = _prefill_fn(compile), _decode_fn(compile, device)
+        if compile:
+            calibrate(model, B)  # the decode step's Linear paths, chosen before it is traced (torch_gpt.linear)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n_out = torch.full((), max_new_tokens, device=device)  # tokens to return: fewer once all rows hit eos
         cache, filled = None, 0

@@ -1,23 +1,32 @@
-"""`nn.Linear` with a faster CPU path for the few rows of a decode step.
+"""`nn.Linear` with a second CPU path for the few rows of a decode step, taken only where it measures faster.
 
-On CPU, PyTorch's GEMM for a thin `x @ W.T` (a handful of rows, W stored (out, in) as nn.Linear holds it) runs
-far below the machine's memory bandwidth. Measured on a 2-core AMD EPYC (torch 2.13, medians of repeated calls):
-GPT-2's tied lm_head, (50,257 × 768) float32, took 16–18 ms for one row, reading its 154 MB at 9 GB/s (no faster
-on two threads than on one) where the machine sums a buffer at 18–21 GB/s, and 42 ms for four rows. The same
-product as one `bmm` over 8 row blocks of W, read in place, took 9.3 ms for one row and 13.4 ms for four; streamed
-over all of GPT-2's weights, 15 against 8.3 GB/s at one row and 11.2 against 4.0 at four. `python -m bench speed
---phase decode` shows the effect on a whole step. Inference only: under autograd, and on other devices,
-`F.linear` as always (cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"` keeps).
+On some CPUs PyTorch's GEMM for a thin `x @ W.T` (a handful of rows, W stored (out, in) as nn.Linear holds it)
+runs far below the machine's memory bandwidth, and the same product as one `bmm` over 8 row blocks of W (read in
+place) is much faster; on others it is the reverse. Measured (torch 2.13, medians of repeated calls): on a 2-core
+AMD EPYC, GPT-2's tied lm_head (50,257 × 768, float32) took 16–18 ms for one row with F.linear and 9.3 ms blocked,
+and a gpt2 B=1 eager decode step 60.4 ms against 44.5; on a 2-core Intel Xeon with a 480 MB L3, F.linear took 5.1
+ms and the blocked product 11.2, and the decode step 23.9 ms against 48.8. So which one runs is measured, not
+assumed: the first time a layer sees a row count it can take (inference on CPU, at most MAX_ROWS rows), it times
+both on that input (PROBE_CALLS calls each, alternating) and keeps the blocked path for that row count only where
+it was at least 10% faster (`blocked_faster`, per layer: {rows: bool}). Inside `torch.compile` nothing is timed:
+a traced step takes the decision already made for its row count, F.linear where there is none, so
+`torch_gpt.generate(compile=True)` makes them (`calibrate`) before it compiles, and eager and compiled steps run
+the same products. Under autograd and on other devices it is always `F.linear` (cuBLAS has no such gap, and
+training's aten.mm/addmm are what `remat="dots"` keeps). The two paths agree to float32 rounding, not bitwise.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 BLOCKS = 8  # row blocks of W: enough for every core here to stream its share; a few more cost nothing
-MAX_ROWS = 64  # up to this many rows of x the blocked product was faster at every GPT-2 shape measured
+MAX_ROWS = 64  # up to this many rows of x the blocked product can pay (the EPYC: faster at every GPT-2 shape)
+PROBE_CALLS = 3  # timed calls of each path in a probe; their minimum is compared
+MARGIN = 0.9  # the blocked path must take at most this fraction of F.linear's time to be kept
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -36,15 +45,53 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.reshape(*lead, n)
 
 
+def _fastest_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether `blocked_linear` beat F.linear by MARGIN on this input (after one warm-up call of each)."""
+    times = {blocked_linear: [], F.linear: []}
+    for _ in range(PROBE_CALLS + 1):
+        for fn, ts in times.items():
+            t0 = time.perf_counter()
+            fn(x, weight, bias)
+            ts.append(time.perf_counter() - t0)
+    return min(times[blocked_linear][1:]) <= MARGIN * min(times[F.linear][1:])
+
+
 class Linear(nn.Linear):
     """nn.Linear (the same parameters, names and init) whose inference on CPU with at most MAX_ROWS rows runs
-    `blocked_linear`."""
+    `blocked_linear` where a probe found it faster for that row count (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.blocked_faster: dict[int, bool] = {}  # rows -> the probe's verdict; not state_dict, not saved
+
+    def can_block(self, x: torch.Tensor) -> bool:
+        """Inference on CPU, the right width (a wrong one goes to F.linear for its usual error), at most MAX_ROWS
+        rows, and a contiguous weight of at least 64 rows per block (so the blocks are views)."""
+        return (x.device.type == "cpu" and x.shape[-1] == self.in_features
+                and x.numel() <= MAX_ROWS * x.shape[-1]
+                and self.weight.shape[0] >= 64 * BLOCKS and self.weight.is_contiguous()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A wrong input width goes to F.linear too, for its usual error.
-        few_rows = x.shape[-1] == self.in_features and x.numel() <= MAX_ROWS * x.shape[-1]
-        splits = self.weight.shape[0] >= 64 * BLOCKS and self.weight.is_contiguous()  # blocks of >= 64 rows, as views
-        recorded = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type == "cpu" and few_rows and splits and not recorded:
-            return blocked_linear(x, self.weight, self.bias)
+        if self.can_block(x):
+            rows = x.numel() // x.shape[-1]
+            if torch.compiler.is_compiling():  # no timing in a trace; a symbolic row count is never looked up
+                blocked = isinstance(rows, int) and self.blocked_faster.get(rows, False)
+            else:
+                if rows not in self.blocked_faster:
+                    self.blocked_faster[rows] = _fastest_of(x, self.weight, self.bias)
+                blocked = self.blocked_faster[rows]
+            if blocked:
+                return blocked_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, rows: int) -> None:
+    """Probe every `Linear` of `model` for inputs of `rows` rows now (on random inputs), so that a step compiled
+    after it takes the same paths as an eager one."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            x = torch.randn(rows, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+            if module.can_block(x) and rows not in module.blocked_faster:
+                module.blocked_faster[rows] = _fastest_of(x, module.weight, module.bias)
