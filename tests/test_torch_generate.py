@@ -204,9 +204,10 @@ def test_bad_prompts_are_refused_before_the_model_runs(model, prompt, kw, match)
 
 @pytest.mark.slow
 def test_compiled_generation_equals_eager_and_compiles_once():
-    """compile=True: one prefill graph (dynamic shapes) and one decode graph per batch size and cache length
-    (dynamo's own counts), reused by later calls: new prompts, sampling, another prompt length with the same cache
-    length, prompts of different lengths (whose prefill takes a padding mask: one more graph). Tokens equal eager's."""
+    """compile=True: one prefill graph (dynamic shapes) and one decode graph per batch size, cache length and
+    greedy-or-sampling (greedy steps return their argmax; dynamo's own counts), reused by later calls: new prompts,
+    another prompt length with the same cache length, prompts of different lengths (whose prefill takes a padding
+    mask: one more graph). Tokens equal eager's."""
     torch.manual_seed(1)
     m = GPTModel(GPTConfig(vocab_size=97, context_length=24, emb_dim=32, n_heads=2, n_layers=2)).eval()
     before = {step: compiled_graphs(step) for step in ("prefill", "decode")}
@@ -222,13 +223,16 @@ def test_compiled_generation_equals_eager_and_compiles_once():
     assert same(torch.randint(0, 97, (2, 5)), 12)
     seeded = [generate(m, prompt, 12, temperature=1.0, top_p=0.9, compile=c, generator=torch.Generator().manual_seed(5))
               for c in (True, False)]
-    assert torch.equal(*seeded)
+    assert torch.equal(*seeded) and built() == {"prefill": 1, "decode": 2}  # the sampling step: logits out
+    assert torch.equal(generate(m, prompt, 12, temperature=0.7, compile=True, generator=torch.Generator()
+                                .manual_seed(6)), generate(m, prompt, 12, temperature=0.7, generator=torch.Generator()
+                                                           .manual_seed(6)))
     assert same(torch.randint(0, 97, (2, 8)), 9)  # 8 + 9: the same 24 slots
     assert same(torch.randint(0, 97, (2, 3)), 2)  # 3 + 2, rounded up to a multiple of 64, capped: 24 again
-    assert built() == {"prefill": 1, "decode": 1}, "a later call with the same cache shape recompiled"
+    assert built() == {"prefill": 1, "decode": 2}, "a later call with the same cache shape recompiled"
     for seed in (2, 3):
         assert same([[t % 97 for t in p] for p in prompts_of([5, 2], seed)], 12)
-    assert built() == {"prefill": 2, "decode": 1}
+    assert built() == {"prefill": 2, "decode": 2}
 
 
 def test_cli_prints_a_continuation(tmp_path):

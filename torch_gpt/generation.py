@@ -107,8 +107,11 @@ def _prefill_step(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.T
     return _last_logits(model, cache, ids)
 
 
-def _decode_step(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
-    return _last_logits(model, cache, ids)
+def _decode_step(model: GPTModel, cache: KVCache, ids: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+    """The last position's logits (B, V), or with `greedy` their argmax (B,): compiled, the argmax joins the step's
+    graph (one call per token, no eager reduction over the vocabulary after it)."""
+    logits = _last_logits(model, cache, ids)
+    return logits.argmax(dim=-1) if greedy else logits
 
 
 def _prefill_fn(compile: bool):
@@ -121,9 +124,10 @@ def _prefill_fn(compile: bool):
 
 
 def _decode_fn(compile: bool, device: torch.device):
-    """The decode step: eager, or one static graph per batch size and cache length; CUDA graphs on a GPU."""
+    """The decode step: eager, or one static graph per batch size, cache length and `greedy`; CUDA graphs on a
+    GPU."""
     if not compile:
-        return _last_logits
+        return _decode_step
     mode = "reduce-overhead" if device.type == "cuda" else None
     if ("decode", mode) not in _COMPILED:
         _COMPILED["decode", mode] = torch.compile(_decode_step, mode=mode, fullgraph=True, dynamic=False)
@@ -131,9 +135,9 @@ def _decode_fn(compile: bool, device: torch.device):
     if mode is None:
         return step
 
-    def cudagraph_step(model, cache, ids):
+    def cudagraph_step(model, cache, ids, greedy=False):
         torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are consumed: its buffers may go
-        return step(model, cache, ids)
+        return step(model, cache, ids, greedy)
 
     return cudagraph_step
 
@@ -155,7 +159,7 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
     `eos_id`, a sequence that produced it is padded with `eos_id` and generation stops once all have (checked every
     `eos_check_every` tokens, the output trimmed to where the last one finished). `compile=True` runs the prefill
     (compiled once, with dynamic shapes) and the decode step (compiled once per batch size and cache length, the
-    length rounded up to a multiple of COMPILED_SLOTS_MULTIPLE; mode "reduce-overhead", CUDA graphs, on a GPU)
+    length rounded up to a multiple of COMPILED_SLOTS_MULTIPLE, and once more if both greedy and sampled calls come; mode "reduce-overhead", CUDA graphs, on a GPU)
     through `torch.compile`, reused for every token and later call; `compiled_graphs` counts them. The model runs
     in eval mode (no dropout) and is put back in its previous mode afterwards.
     """
@@ -185,6 +189,7 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
         prefill, decode = _prefill_fn(compile), _decode_fn(compile, device)
         if compile:
             calibrate(model, B)  # the decode step's Linear paths, chosen before it is traced (torch_gpt.linear)
+        greedy = temperature == 0.0  # the decode step returns ids, not logits
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n_out = torch.full((), max_new_tokens, device=device)  # tokens to return: fewer once all rows hit eos
         cache, filled = None, 0
@@ -207,8 +212,9 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
                 logits, filled = prefill(model, cache, window), window.shape[1]
             else:
                 # Contiguous: the slice's strides follow out's width, and a compiled step is specialised on strides.
-                logits, filled = decode(model, cache, out[:, cur - 1:cur].contiguous()), filled + 1
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                logits, filled = decode(model, cache, out[:, cur - 1:cur].contiguous(), greedy), filled + 1
+            # (B,): greedy decode steps return their argmax already
+            nxt = logits if logits.dim() == 1 else sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done |= nxt == eos_id
