@@ -159,9 +159,10 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
     `eos_id`, a sequence that produced it is padded with `eos_id` and generation stops once all have (checked every
     `eos_check_every` tokens, the output trimmed to where the last one finished). `compile=True` runs the prefill
     (compiled once, with dynamic shapes) and the decode step (compiled once per batch size and cache length, the
-    length rounded up to a multiple of COMPILED_SLOTS_MULTIPLE, and once more if both greedy and sampled calls come; mode "reduce-overhead", CUDA graphs, on a GPU)
-    through `torch.compile`, reused for every token and later call; `compiled_graphs` counts them. The model runs
-    in eval mode (no dropout) and is put back in its previous mode afterwards.
+    length rounded up to a multiple of COMPILED_SLOTS_MULTIPLE, and once more where greedy and sampled calls both
+    come; mode "reduce-overhead", CUDA graphs, on a GPU) through `torch.compile`, reused for every token and later
+    call; `compiled_graphs` counts them. The model runs in eval mode (no dropout) and is put back in its previous
+    mode afterwards.
     """
     check_sampling_args(temperature, top_k, top_p)
     if max_new_tokens < 0:
