@@ -24,56 +24,102 @@ def test_blocked_linear_is_linear(n, k, lead, bias):
     assert rel_error(y, exact) <= 2 * rel_error(F.linear(x, w, b), exact) + 1e-7
 
 
-def test_linear_takes_the_blocked_path_only_where_its_probe_found_it_faster(monkeypatch):
-    """The first inference call of a row count probes both paths (timing the real input) and records the verdict;
-    later calls follow it; training, a prefill's many rows and a weight too small to split never probe or block."""
-    calls, probes = [], []
-    monkeypatch.setattr(linear, "blocked_linear", lambda *a: calls.append(a) or F.linear(*a))
-    real_probe = linear._fastest_of
-    monkeypatch.setattr(linear, "_fastest_of", lambda *a: probes.append(a[0].shape) or real_probe(*a))
+def test_transposed_linear_is_linear():
+    gen = torch.Generator().manual_seed(3)
+    w, x, b = torch.randn(700, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), torch.randn(700, generator=gen)
+    exact = F.linear(x.double(), w.double(), b.double())
+    y = linear.transposed_linear(x, w.t().contiguous(), b)
+    assert y.shape == exact.shape and rel_error(y, exact) <= 2 * rel_error(F.linear(x, w, b), exact) + 1e-7
+
+
+def _spy(monkeypatch):
+    """Record which path each call of a Linear takes (each still computes its product)."""
+    calls = []
+    for name in ("blocked_linear", "transposed_linear"):
+        real = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    return calls
+
+
+def test_linear_takes_an_alternative_path_only_where_its_probe_found_it_faster(monkeypatch):
+    """The first inference call of a row count probes the three paths (on the real input) and records the
+    verdict; later calls follow it; training, a prefill's many rows and a weight too small to split never probe."""
+    probes = []
+    real_probe = Linear.probe
+    monkeypatch.setattr(Linear, "probe", lambda self, x: probes.append(x.shape) or real_probe(self, x))
     layer = Linear(16, 1024)
     few, many = torch.randn(2, 3, 16), torch.randn(linear.MAX_ROWS + 1, 16)
     with torch.no_grad():
         layer(few)
-    assert probes == [few.shape] and list(layer.blocked_faster) == [6]  # the probe itself ran both paths
-    calls.clear()
-    for verdict in (True, False):
-        layer.blocked_faster[6] = verdict  # as a probe on a CPU where it wins / loses would have found
+        layer(few)
+    assert probes == [few.shape] and list(layer.paths) == [6] and layer.paths[6] in linear.PATHS
+    assert (layer.weight_t is not None) == (layer.paths[6] == "transposed")  # the copy only while it is used
+    calls = _spy(monkeypatch)
+    for verdict in linear.PATHS:
+        layer.paths[6] = verdict  # as a probe on a CPU where that path wins would have found
         with torch.inference_mode():
             out = layer(few)
-        assert len(calls) == int(verdict) and out.shape == (2, 3, 1024)
+        assert calls == ([] if verdict == "linear" else [f"{verdict}_linear"]), verdict
+        assert rel_error(out, F.linear(few, layer.weight, layer.bias)) < 1e-6
         calls.clear()
-    layer.blocked_faster[6] = True
     with torch.no_grad():
         layer(many)  # a prefill's rows
         Linear(16, 100)(few)  # too few output rows to split
     layer(few).sum().backward()  # training: F.linear, whose aten.mm/addmm remat="dots" keeps
     assert calls == [] and probes == [few.shape] and layer.weight.grad is not None
-    assert "blocked_faster" not in str(layer.state_dict().keys())
+    assert list(layer.state_dict()) == ["weight", "bias"]  # verdicts and the copy are not saved
 
 
-def test_calibrate_decides_before_a_compiled_step_which_follows_it():
-    """`calibrate` records a verdict for every splittable Linear; a compiled step takes it (here forced both
-    ways: the output is then bitwise that path's), and a verdict for another row count added later does not
-    recompile it."""
+def test_the_weight_copy_follows_the_weight():
+    """A training step (in place), `load_state_dict` or a dtype change after the copy was made: the transposed
+    path computes with the weight as it is now."""
+    layer = Linear(32, 1024)
+    layer.paths[2] = "transposed"
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        layer(x)
+    copy = layer.weight_t
+    layer(x).sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-6)
+    assert layer.weight_t is copy  # refreshed in place: a compiled step holding it sees the new values
+    layer.load_state_dict({"weight": torch.randn(1024, 32), "bias": torch.zeros(1024)})
+    layer.double()
+    with torch.inference_mode():
+        assert torch.allclose(layer(x.double()), F.linear(x.double(), layer.weight, layer.bias))
+
+
+def test_calibrated_decides_before_a_compiled_step_which_follows_it():
+    """`calibrated` records a verdict for every splittable Linear; a step compiled inside takes it (here forced
+    each way: the output is then bitwise that path's), a verdict for another row count added later does not
+    recompile it, and a step compiled outside generate never reads a copy it cannot vouch for."""
     from torch._dynamo.utils import counters
 
-    model = torch.nn.Sequential(Linear(100, 1024), Linear(1024, 8))  # 100: the two paths round differently
-    linear.calibrate(model, 3)
-    assert set(model[0].blocked_faster) == {3} and model[1].blocked_faster == {}  # 8 output rows: never split
+    model = torch.nn.Sequential(Linear(100, 1024), Linear(1024, 8))  # 100: the paths round differently
+    with linear.calibrated(model, 3):
+        pass
+    assert set(model[0].paths) == {3} and model[1].paths == {}  # 8 output rows: never split
     x = torch.randn(3, 100)
-    assert not torch.equal(blocked_linear(x, model[0].weight, None), F.linear(x, model[0].weight))
-    for verdict, path in ((True, blocked_linear), (False, F.linear)):
+    w, b = model[0].weight, model[0].bias
+    expected = {"linear": F.linear(x, w, b), "blocked": blocked_linear(x, w, b),
+                "transposed": linear.transposed_linear(x, w.t().contiguous(), b)}
+    assert not torch.equal(expected["blocked"], expected["linear"])
+    assert not torch.equal(expected["transposed"], expected["linear"])
+    for verdict in linear.PATHS:
         torch._dynamo.reset()
-        model[0].blocked_faster[3] = verdict
+        model[0].paths[3] = verdict
         step = torch.compile(model[0], fullgraph=True, dynamic=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), linear.calibrated(model, 3):
             y = step(x)
             graphs = counters["stats"]["unique_graphs"]
-            model[0].blocked_faster[1] = not verdict
+            model[0].paths[1] = "linear"
             assert torch.equal(step(x), y) and counters["stats"]["unique_graphs"] == graphs
-        del model[0].blocked_faster[1]
-        assert torch.equal(y, path(x, model[0].weight, model[0].bias))
+        del model[0].paths[1]
+        assert torch.equal(y, expected[verdict]), verdict
+    torch._dynamo.reset()
+    with torch.inference_mode():  # "transposed" still, but outside calibrated: F.linear
+        assert torch.equal(torch.compile(model[0], fullgraph=True, dynamic=False)(x), expected["linear"])
 
 
 def test_a_wrong_input_width_gets_linear_s_error():

@@ -19,13 +19,14 @@ prompt, none per step); `eos_id` stopping reads one flag back every `eos_check_e
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Sequence
 
 import torch
 
 from gpt_core.generation import check_lengths, check_sampling_args, pad_prompts
-from torch_gpt.linear import calibrate
+from torch_gpt.linear import calibrated
 from torch_gpt.model import GPTModel, KVCache, check_ids
 
 # torch.compile'd steps and their caches, per model: {(batch, slots, dtype, device): KVCache}, reused across calls
@@ -177,9 +178,9 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
     device = idx.device
     start = torch.tensor([T - n for n in lens], device=device)  # (B,) each row's first real column
     padded = any(n < T for n in lens)
-    was_training = model.training
-    model.eval()
-    try:
+    # Eval mode (no dropout) for the call; the decode step's Linear paths chosen and weight copies brought up to
+    # date before a step is traced, so compiled and eager steps run the same products on the current weights.
+    with _eval_mode(model), calibrated(model, B):
         out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
         out[:, :T] = idx
         if max_new_tokens == 0:
@@ -188,8 +189,6 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
         if compile:
             slots = min(ctx, -(-slots // COMPILED_SLOTS_MULTIPLE) * COMPILED_SLOTS_MULTIPLE)
         prefill, decode = _prefill_fn(compile), _decode_fn(compile, device)
-        if compile:
-            calibrate(model, B)  # the decode step's Linear paths, chosen before it is traced (torch_gpt.linear)
         greedy = temperature == 0.0  # the decode step returns ids, not logits
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n_out = torch.full((), max_new_tokens, device=device)  # tokens to return: fewer once all rows hit eos
@@ -224,6 +223,15 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
             if eos_id is not None and (i + 1) % eos_check_every == 0 and bool(done.all()):
                 break
         return out[:, :T + int(n_out)] if eos_id is not None else out
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside, put back in its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
 

@@ -1,22 +1,27 @@
-"""`nn.Linear` with a second CPU path for the few rows of a decode step, taken only where it measures faster.
+"""`nn.Linear` with two more CPU paths for the few rows of a decode step, taken only where they measure faster.
 
-On some CPUs PyTorch's GEMM for a thin `x @ W.T` (a handful of rows, W stored (out, in) as nn.Linear holds it)
-runs far below the machine's memory bandwidth, and the same product as one `bmm` over 8 row blocks of W (read in
-place) is much faster; on others it is the reverse. Measured (torch 2.13, medians of repeated calls): on a 2-core
-AMD EPYC, GPT-2's tied lm_head (50,257 × 768, float32) took 16–18 ms for one row with F.linear and 9.3 ms blocked,
-and a gpt2 B=1 eager decode step 60.4 ms against 44.5; on a 2-core Intel Xeon with a 480 MB L3, F.linear took 5.1
-ms and the blocked product 11.2, and the decode step 23.9 ms against 48.8. So which one runs is measured, not
-assumed: the first time a layer sees a row count it can take (inference on CPU, at most MAX_ROWS rows), it times
-both on that input (PROBE_CALLS calls each, alternating) and keeps the blocked path for that row count only where
-it was at least 10% faster (`blocked_faster`, per layer: {rows: bool}). Inside `torch.compile` nothing is timed:
-a traced step takes the decision already made for its row count, F.linear where there is none, so
-`torch_gpt.generate(compile=True)` makes them (`calibrate`) before it compiles, and eager and compiled steps run
-the same products. Under autograd and on other devices it is always `F.linear` (cuBLAS has no such gap, and
-training's aten.mm/addmm are what `remat="dots"` keeps). The two paths agree to float32 rounding, not bitwise.
+On CPU, PyTorch's GEMM for a thin `x @ W.T` (a handful of rows against W stored (out, in), as nn.Linear holds it)
+can run well below what the machine allows, and what helps depends on the CPU. Two alternatives:
+- "blocked": one `bmm` over BLOCKS row blocks of W, read in place (no memory). On a 2-core AMD EPYC, GPT-2's tied
+  lm_head (50,257 × 768, float32) took 16–18 ms for one row with F.linear and 9.3 ms blocked, and a gpt2 B=1
+  eager decode step 60.4 ms against 44.5; on a 2-core Intel Xeon with a 480 MB L3 it was the reverse (5.1 against
+  11.2 ms; the step 23.9 against 48.8).
+- "transposed": `x @ W_t` from a (in, out) copy of W, which PyTorch's GEMM reads faster for a few rows: on that
+  Xeon the tiny preset's lm_head (50,257 × 64) took 0.58 ms for four rows with F.linear and 0.28 from the copy,
+  gpt2's 11.5 against 7.8 ms. It costs a copy of the weight, held while a row count uses it.
+So which runs is measured, not assumed: the first time a layer sees a row count it can take (inference on CPU, at
+most MAX_ROWS rows), it times the three on that input and keeps an alternative only where it took at most MARGIN
+(blocked) or COPY_MARGIN (transposed, for its memory) of F.linear's time (`paths`, per layer: {rows: path}).
+Inside `torch.compile` nothing is timed: a traced step takes the verdict already made for its row count (F.linear
+where there is none), and reads a copy only inside `torch_gpt.generate`, which first (`calibrated`) makes the
+verdicts and brings every copy up to date with its weight, so eager and compiled steps run the same products on
+the current weights. Under autograd and on other devices it is always `F.linear` (cuBLAS has no such gap, and
+training's aten.mm/addmm are what `remat="dots"` keeps). The paths agree to float32 rounding, not bitwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -27,6 +32,7 @@ BLOCKS = 8  # row blocks of W: enough for every core here to stream its share; a
 MAX_ROWS = 64  # up to this many rows of x the blocked product can pay (the EPYC: faster at every GPT-2 shape)
 PROBE_CALLS = 3  # timed calls of each path in a probe; their minimum is compared
 MARGIN = 0.9  # the blocked path must take at most this fraction of F.linear's time to be kept
+COPY_MARGIN = 0.8  # the transposed path, which holds a copy of the weight, at most this fraction
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -45,24 +51,33 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.reshape(*lead, n)
 
 
-def _fastest_of(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether `blocked_linear` beat F.linear by MARGIN on this input (after one warm-up call of each)."""
-    times = {blocked_linear: [], F.linear: []}
-    for _ in range(PROBE_CALLS + 1):
-        for fn, ts in times.items():
-            t0 = time.perf_counter()
-            fn(x, weight, bias)
-            ts.append(time.perf_counter() - t0)
-    return min(times[blocked_linear][1:]) <= MARGIN * min(times[F.linear][1:])
+PATHS = ("linear", "blocked", "transposed")
+
+
+def transposed_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` from a contiguous (K, N) copy of the weight: `x @ weight_t (+ bias)`, one
+    addmm with a bias (as Inductor would fuse it, so eager and compiled round alike)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t
+    return y.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+def _time(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
 
 
 class Linear(nn.Linear):
-    """nn.Linear (the same parameters, names and init) whose inference on CPU with at most MAX_ROWS rows runs
-    `blocked_linear` where a probe found it faster for that row count (see the module docstring)."""
+    """nn.Linear (the same parameters, names and init) whose inference on CPU with at most MAX_ROWS rows may run
+    `blocked_linear` or `transposed_linear`, where a probe found it faster for that row count (see the module
+    docstring)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.blocked_faster: dict[int, bool] = {}  # rows -> the probe's verdict; not state_dict, not saved
+        self.paths: dict[int, str] = {}  # rows -> the probe's verdict, one of PATHS; not state_dict, not saved
+        self.weight_t: torch.Tensor | None = None  # the (K, N) copy, only while a verdict is "transposed"
+        self._weight_t_of: tuple | None = None  # (version, data_ptr, dtype, device) of the weight it copies
 
     def can_block(self, x: torch.Tensor) -> bool:
         """Inference on CPU, the right width (a wrong one goes to F.linear for its usual error), at most MAX_ROWS
@@ -72,26 +87,77 @@ class Linear(nn.Linear):
                 and self.weight.shape[0] >= 64 * BLOCKS and self.weight.is_contiguous()
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
+    def fresh_weight_t(self) -> torch.Tensor:
+        """The (K, N) copy, made or brought up to date with the weight (in place where it can be, so a compiled
+        step holding it sees the new values)."""
+        w = self.weight
+        of = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self.weight_t is None or self.weight_t.shape != w.shape[::-1] or of[2:] != self._weight_t_of[2:]:
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: later refreshes may write it
+                self.weight_t = w.detach().t().contiguous()
+        elif of != self._weight_t_of:
+            with torch.no_grad():
+                self.weight_t.copy_(w.detach().t())
+        self._weight_t_of = of
+        return self.weight_t
+
+    def probe(self, x: torch.Tensor) -> str:
+        """Time the three paths on x (PROBE_CALLS back to back after a warm-up call, twice) and record the fastest
+        for its row count, counting the blocked path (views of the weight) only if it takes at most MARGIN of
+        F.linear's time and the transposed one (a copy of the weight, held while a row count uses it) COPY_MARGIN."""
+        w, b = self.weight, self.bias
+        calls = {"linear": lambda: F.linear(x, w, b), "blocked": lambda: blocked_linear(x, w, b),
+                 "transposed": lambda: transposed_linear(x, self.fresh_weight_t(), b)}
+        best = {name: float("inf") for name in calls}
+        for _ in range(2):  # each path's calls back to back, as a decode step makes them; twice, against drift
+            for name, fn in calls.items():
+                fn()  # warm-up (the copy is made here)
+                best[name] = min(best[name], *(_time(fn) for _ in range(PROBE_CALLS)))
+        limit = {"linear": 1.0, "blocked": MARGIN, "transposed": COPY_MARGIN}
+        path = min(PATHS, key=lambda name: best[name] / limit[name])
+        self.paths[x.numel() // x.shape[-1]] = path
+        if "transposed" not in self.paths.values():
+            self.weight_t = self._weight_t_of = None  # the copy's memory back
+        return path
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.can_block(x):
             rows = x.numel() // x.shape[-1]
             if torch.compiler.is_compiling():  # no timing in a trace; a symbolic row count is never looked up
-                blocked = isinstance(rows, int) and self.blocked_faster.get(rows, False)
+                path = self.paths.get(rows, "linear") if isinstance(rows, int) else "linear"
+                if path == "transposed" and not (_COPIES_CHECKED and self.weight_t is not None):
+                    path = "linear"  # outside generate nothing vouches that the copy is the weight's
             else:
-                if rows not in self.blocked_faster:
-                    self.blocked_faster[rows] = _fastest_of(x, self.weight, self.bias)
-                blocked = self.blocked_faster[rows]
-            if blocked:
+                path = self.paths[rows] if rows in self.paths else self.probe(x)
+            if path == "blocked":
                 return blocked_linear(x, self.weight, self.bias)
+            if path == "transposed":
+                w_t = self.weight_t if torch.compiler.is_compiling() else self.fresh_weight_t()
+                return transposed_linear(x, w_t, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
-@torch.no_grad()
-def calibrate(model: nn.Module, rows: int) -> None:
-    """Probe every `Linear` of `model` for inputs of `rows` rows now (on random inputs), so that a step compiled
-    after it takes the same paths as an eager one."""
-    for module in model.modules():
-        if isinstance(module, Linear):
-            x = torch.randn(rows, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
-            if module.can_block(x) and rows not in module.blocked_faster:
-                module.blocked_faster[rows] = _fastest_of(x, module.weight, module.bias)
+# True while torch_gpt.generate runs, after `calibrate` brought every copy up to date: only then may a compiled
+# step read a (K, N) copy (dynamo guards on this value, so graphs traced outside generate never do).
+_COPIES_CHECKED = False
+
+
+@contextlib.contextmanager
+def calibrated(model: nn.Module, rows: int):
+    """Probe every `Linear` of `model` for inputs of `rows` rows (on random inputs) where it has no verdict yet,
+    and bring every (K, N) copy up to date with its weight, so that a step compiled inside takes the same paths as
+    an eager one and reads the current weights."""
+    global _COPIES_CHECKED
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Linear):
+                x = torch.randn(rows, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
+                if module.can_block(x) and rows not in module.paths:
+                    module.probe(x)
+                if "transposed" in module.paths.values():
+                    module.fresh_weight_t()
+    previous, _COPIES_CHECKED = _COPIES_CHECKED, True
+    try:
+        yield
+    finally:
+        _COPIES_CHECKED = previous
