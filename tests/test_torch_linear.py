@@ -70,6 +70,14 @@ def test_linear_takes_an_alternative_path_only_where_its_probe_found_it_faster(m
     assert list(layer.state_dict()) == ["weight", "bias"]  # verdicts and the copy are not saved
 
 
+def test_a_margin_of_zero_switches_a_path_off(monkeypatch):
+    monkeypatch.setattr(linear, "COPY_MARGIN", 0.0)
+    monkeypatch.setattr(linear, "MARGIN", 0.0)
+    layer = Linear(64, 4096)
+    with torch.no_grad():
+        assert layer.probe(torch.randn(4, 64)) == "linear" and layer.weight_t is None
+
+
 def test_the_weight_copy_follows_the_weight():
     """A training step (in place), `load_state_dict` or a dtype change after the copy was made: the transposed
     path computes with the weight as it is now."""

@@ -110,12 +110,13 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         calls = {"linear": lambda: F.linear(x, w, b), "blocked": lambda: blocked_linear(x, w, b),
                  "transposed": lambda: transposed_linear(x, self.fresh_weight_t(), b)}
+        limit = {"linear": 1.0, "blocked": MARGIN, "transposed": COPY_MARGIN}
         best = {}
         for name, fn in calls.items():  # each path's calls back to back, as a decode step makes them
-            fn()  # warm-up (the copy is made here)
-            best[name] = min(_time(fn) for _ in range(PROBE_CALLS))
-        limit = {"linear": 1.0, "blocked": MARGIN, "transposed": COPY_MARGIN}
-        path = min(PATHS, key=lambda name: best[name] / limit[name])
+            if limit[name] > 0:  # a margin of 0 switches a path off: not timed, no copy made
+                fn()  # warm-up (the copy is made here)
+                best[name] = min(_time(fn) for _ in range(PROBE_CALLS)) / limit[name]
+        path = min(best, key=best.get)
         self.paths[x.numel() // x.shape[-1]] = path
         if "transposed" not in self.paths.values():
             self.weight_t = self._weight_t_of = None  # the copy's memory back
