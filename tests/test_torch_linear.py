@@ -70,6 +70,18 @@ def test_linear_takes_an_alternative_path_only_where_its_probe_found_it_faster(m
     assert list(layer.state_dict()) == ["weight", "bias"]  # verdicts and the copy are not saved
 
 
+def test_calibrated_leaves_the_global_rng_alone():
+    """generate(compile=True) calibrates on its first call of a batch size only: drawing the probes' inputs from
+    the global RNG would make a seeded sampling call's tokens depend on whether it was the first."""
+    model = torch.nn.Sequential(Linear(32, 1024))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with linear.calibrated(model, 2):
+        pass
+    assert model[0].paths and torch.equal(torch.rand(3), expected)
+
+
 def test_a_margin_of_zero_switches_a_path_off(monkeypatch):
     monkeypatch.setattr(linear, "COPY_MARGIN", 0.0)
     monkeypatch.setattr(linear, "MARGIN", 0.0)

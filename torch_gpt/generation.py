@@ -178,9 +178,10 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
     device = idx.device
     start = torch.tensor([T - n for n in lens], device=device)  # (B,) each row's first real column
     padded = any(n < T for n in lens)
-    # Eval mode (no dropout) for the call; the decode step's Linear paths chosen and weight copies brought up to
-    # date before a step is traced, so compiled and eager steps run the same products on the current weights.
-    with _eval_mode(model), calibrated(model, B):
+    # Eval mode (no dropout) for the call. Compiled, the decode step's Linear paths are chosen and weight copies
+    # brought up to date before a step is traced, so compiled and eager steps run the same products on the current
+    # weights (eager steps probe and refresh as they go: torch_gpt.linear).
+    with _eval_mode(model), (calibrated(model, B) if compile else contextlib.nullcontext()):
         out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
         out[:, :T] = idx
         if max_new_tokens == 0:

@@ -64,9 +64,9 @@ def transposed_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     return y.reshape(*x.shape[:-1], weight_t.shape[1])
 
 
-def _time(fn, *args) -> float:
+def _time(fn) -> float:
     t0 = time.perf_counter()
-    fn(*args)
+    fn()
     return time.perf_counter() - t0
 
 
@@ -81,9 +81,10 @@ class Linear(nn.Linear):
         self.weight_t: torch.Tensor | None = None  # the (K, N) copy, only while a verdict is "transposed"
         self._weight_t_of: tuple | None = None  # (version, data_ptr, dtype, device) of the weight it copies
 
-    def can_block(self, x: torch.Tensor) -> bool:
-        """Inference on CPU, the right width (a wrong one goes to F.linear for its usual error), at most MAX_ROWS
-        rows, and a contiguous weight of at least 64 rows per block (so the blocks are views)."""
+    def may_switch(self, x: torch.Tensor) -> bool:
+        """Whether x may take a path other than F.linear: inference on CPU, the right width (a wrong one goes to
+        F.linear for its usual error), at most MAX_ROWS rows, and a contiguous weight of at least 64 rows per block
+        (so the blocks are views)."""
         return (x.device.type == "cpu" and x.shape[-1] == self.in_features
                 and x.numel() <= MAX_ROWS * x.shape[-1]
                 and self.weight.shape[0] >= 64 * BLOCKS and self.weight.is_contiguous()
@@ -123,7 +124,7 @@ class Linear(nn.Linear):
         return path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.can_block(x):
+        if self.may_switch(x):
             rows = x.numel() // x.shape[-1]
             if torch.compiler.is_compiling():  # no timing in a trace; a symbolic row count is never looked up
                 path = self.paths.get(rows, "linear") if isinstance(rows, int) else "linear"
@@ -139,22 +140,24 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-# True while torch_gpt.generate runs, after `calibrate` brought every copy up to date: only then may a compiled
+# True while torch_gpt.generate runs, after `calibrated` brought every copy up to date: only then may a compiled
 # step read a (K, N) copy (dynamo guards on this value, so graphs traced outside generate never do).
 _COPIES_CHECKED = False
 
 
 @contextlib.contextmanager
 def calibrated(model: nn.Module, rows: int):
-    """Probe every `Linear` of `model` for inputs of `rows` rows (on random inputs) where it has no verdict yet,
-    and bring every (K, N) copy up to date with its weight, so that a step compiled inside takes the same paths as
-    an eager one and reads the current weights."""
+    """Probe every CPU `Linear` of `model` for inputs of `rows` rows where it has no verdict yet, and bring every
+    (K, N) copy up to date with its weight, so that a step compiled inside takes the same paths as an eager one and
+    reads the current weights. The probes' random inputs come from their own generator: a caller's seeded sampling
+    draws what it drew without them."""
     global _COPIES_CHECKED
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, Linear):
-                x = torch.randn(rows, module.in_features, device=module.weight.device, dtype=module.weight.dtype)
-                if module.can_block(x) and rows not in module.paths:
+            if isinstance(module, Linear) and module.weight.device.type == "cpu":
+                x = torch.randn(rows, module.in_features, generator=gen).to(module.weight.dtype)
+                if module.may_switch(x) and rows not in module.paths:
                     module.probe(x)
                 if "transposed" in module.paths.values():
                     module.fresh_weight_t()
