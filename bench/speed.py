@@ -1,7 +1,8 @@
 """`python -m bench speed`: forward, forward+backward, train step and KV-cache generation, every implementation.
 
-FLOP model (DESIGN.md §7), per token at sequence length T: training 6·N + 12·L·T·d; forward and prefill a
-third of it, 2·N + 4·L·T·d; one decode step at context S, 2·N + 4·L·S·d. N counts matmul parameters
+FLOP model (DESIGN.md §7), per token at sequence length T: training 6·N + 12·L·T·d; forward a third of it,
+2·N + 4·L·T·d; prefill the same less the output head (2·V·d) at all but the last position, which alone gets
+logits (`last_only`); one decode step at context S, 2·N + 4·L·S·d. N counts matmul parameters
 (`GPTConfig.flops_per_token`). Compilation and warm-up are never timed; compile time is its own column.
 
 Decode rows also carry the memory-bandwidth floor: a step reads every weight once (the tied head included, one row
@@ -187,8 +188,8 @@ def _flops(s: Setup, phase: str) -> float:
     c = s.config
     if phase == "forward":
         return c.flops_per_token(s.seq_len) / 3
-    if phase == "prefill":
-        return c.flops_per_token(s.prompt_len) / 3
+    if phase == "prefill":  # the output head runs over the last position only
+        return c.flops_per_token(s.prompt_len) / 3 - 2 * c.vocab_size * c.emb_dim * (1 - 1 / s.prompt_len)
     if phase == "decode":  # one token attending to the prompt and, on average, half the generated ones
         ctx = s.prompt_len + s.decode_tokens / 2
         return (c.flops_per_token(0) + 12 * c.n_layers * ctx * c.emb_dim) / 3

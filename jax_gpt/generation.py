@@ -117,7 +117,7 @@ def _generate(graphdef: nnx.GraphDef, state: nnx.State, idx: jax.Array, start: j
         return KVCache.create(config, B, width, dtype=model.dtype, stacked=model.scan_layers, start=first)
 
     def prefill(window: jax.Array, lo: jax.Array | int) -> tuple[jax.Array, KVCache]:  # (B, t), a fresh cache
-        logits, cache = model(window, cache=fresh(lo))
+        logits, cache = model(window, cache=fresh(lo), last_only=True)
         return logits[:, -1], cache  # (B, V)
 
     def decode(out: jax.Array, cur: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:

@@ -299,12 +299,14 @@ class GPTModel(nnx.Module):
             p.set_value((jnp.stack(values) if convert.is_stacked(path) else values[0]).astype(p.dtype))
 
     def __call__(self, idx: jax.Array, *, deterministic: bool = True, cache: KVCache | None = None,
-                 targets: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+                 targets: jax.Array | None = None, last_only: bool = False) -> jax.Array | tuple[jax.Array, KVCache]:
         """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds and
         the call returns (logits, updated cache). `deterministic=False` turns dropout on. With `targets` (B, T),
-        the mean float32 cross-entropy against them instead (`loss_impl`; -100 is ignored by "fused" only)."""
-        if targets is not None and cache is not None:
-            raise ValueError("targets (a training loss) and a KV cache (generation) do not go together")
+        the mean float32 cross-entropy against them instead (`loss_impl`; -100 is ignored). `last_only`: the last
+        position's logits alone, (B, 1, vocab_size), all that generation needs of a prompt (the output head over
+        one position, not T)."""
+        if targets is not None and (cache is not None or last_only):
+            raise ValueError("targets (a training loss) and a KV cache or last_only (generation) do not go together")
         B, T = self._check_input(idx, cache)
         start = 0 if cache is None else cache.pos
         pos = start + jnp.arange(T)  # (T,)
@@ -312,7 +314,7 @@ class GPTModel(nnx.Module):
             pos = jnp.maximum(pos[None, :] - cache.start[:, None], 0)  # (B, T)
         x = self.drop(self.wte(idx) + self.wpe(pos), deterministic=deterministic)  # (B, T, C)
         x, cache = self._run_blocks(x, cache, deterministic)  # (B, T, C)
-        x = self.ln_f(x)  # (B, T, C)
+        x = self.ln_f(x[:, -1:] if last_only else x)  # (B, T, C), or (B, 1, C)
         if targets is not None and self.loss_impl == "fused":
             head = self.wte.embedding[...] if self.lm_head is None else self.lm_head.kernel[...].T  # (V, C)
             return linear_cross_entropy(x, head.astype(self.dtype), targets)  # ()

@@ -85,6 +85,33 @@ def twins(tmp_path_factory) -> tuple[torch_gpt.GPTModel, jax_gpt.GPTModel]:
     return reference, jax_gpt.GPTModel.from_pretrained(directory)
 
 
+def test_last_only_logits_are_the_last_positions_on_both_sides(twins):
+    """`last_only` (generation's prefill) runs the output head over the last position alone: the same logits as
+    the full call's last position, with and without a cache, and no loss may come with it."""
+    reference, model = twins
+    ids = random_ids((2, 23), seed=4, dtype=np.int64)
+    with torch.no_grad():
+        full = reference(torch.from_numpy(ids))
+        last = reference(torch.from_numpy(ids), last_only=True)
+        cache = torch_gpt.KVCache(reference.config, 2, CTX)
+        cached = reference(torch.from_numpy(ids), cache, last_only=True)
+    assert last.shape == cached.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cached, full[:, -1:], rtol=1e-6, atol=1e-6)
+    j_full = model(jnp.asarray(ids))
+    j_last = model(jnp.asarray(ids), last_only=True)
+    j_cached, _ = model(jnp.asarray(ids), cache=jax_gpt.KVCache.create(model.config, 2, CTX), last_only=True)
+    assert j_last.shape == j_cached.shape == (2, 1, VOCAB)
+    np.testing.assert_allclose(np.asarray(j_last), np.asarray(j_full)[:, -1:], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(j_cached), np.asarray(j_full)[:, -1:], rtol=1e-6, atol=1e-6)
+    assert_rel_close(j_last, last, 1e-5, "jax last_only against torch's")
+    targets = torch.from_numpy(ids)
+    with pytest.raises(ValueError, match="last_only"):
+        reference(targets, targets=targets, last_only=True)
+    with pytest.raises(ValueError, match="last_only"):
+        model(jnp.asarray(ids), targets=jnp.asarray(ids), last_only=True)
+
+
 def test_greedy_generation_matches_torch_past_the_context(twins):
     reference, model = twins
     prompt = random_ids((2, 40), seed=9, dtype=np.int64)  # 40 + 32 > CTX: the cache fills and is prefilled again

@@ -100,7 +100,7 @@ def compiled_graphs(step: str | None = None) -> int:
 
 
 def _last_logits(model: GPTModel, cache: KVCache, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids, cache)[:, -1]  # (B, V)
+    return model(ids, cache, last_only=True)[:, -1]  # (B, V)
 
 
 # Two functions, so that each has its own code object and so its own compiled graphs, never mixed with the other's.
@@ -203,7 +203,7 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
                                     start=(start - max(0, cur - ctx)).clamp(min=0))  # each row's padding, shifted
                     logits = _last_logits(model, fresh, window)
                 else:
-                    logits = model(window)[:, -1]
+                    logits = model(window, last_only=True)[:, -1]
             elif cache is None or filled == slots:  # first step, or the window is full
                 lo = max(0, cur - ctx)
                 window = out[:, lo:cur]

@@ -317,16 +317,17 @@ class GPTModel(nn.Module):
                 nn.init.normal_(p, 0.0, value)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, *,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab_size). With a cache, `idx` continues what it holds (its rows'
         padding and fill level: see KVCache). With `targets` (B, T), the mean float32 cross-entropy against them
-        instead (`loss_impl`; -100 is ignored).
+        instead (`loss_impl`; -100 is ignored). `last_only`: the last position's logits alone, (B, 1, vocab_size),
+        all that generation needs of a prompt (the output head over one position, not T).
 
         Shapes and dtypes are always checked. Id values (and a cache's fill level) are checked here only when they
         are on the CPU, in eager mode: elsewhere reading them back would stop the device every call, so they are
         checked where they enter (`generate` its prompt, the trainers their batches, in gpt_core.batches)."""
-        if targets is not None and cache is not None:
-            raise ValueError("targets (a training loss) and a KV cache (generation) do not go together")
+        if targets is not None and (cache is not None or last_only):
+            raise ValueError("targets (a training loss) and a KV cache or last_only (generation) do not go together")
         B, T = self._check_input(idx, cache)
         if cache is None:
             pos, mask = torch.arange(T, device=idx.device), None  # (T,); causal
@@ -339,9 +340,9 @@ class GPTModel(nn.Module):
         if cache is not None:
             cache.pos.add_(T)
             cache.fresh = False
-        x = self.ln_f(x)  # (B, T, C)
+        x = self.ln_f(x[:, -1:] if last_only else x)  # (B, T, C), or (B, 1, C)
         if targets is None:
-            return self.lm_head(x)  # (B, T, vocab_size)
+            return self.lm_head(x)  # (B, T, vocab_size), or (B, 1, vocab_size)
         if self.loss_impl == "fused":
             import kernels
 
