@@ -128,7 +128,7 @@ def test_calibrated_decides_before_a_compiled_step_which_follows_it():
     assert not torch.equal(expected["transposed"], expected["linear"])
     for verdict in linear.PATHS:
         torch._dynamo.reset()
-        model[0].paths[3] = verdict
+        model[0].paths[3] = model[0].compiled_paths[3] = verdict
         step = torch.compile(model[0], fullgraph=True, dynamic=False)
         with torch.inference_mode(), linear.calibrated(model, 3):
             y = step(x)
@@ -142,6 +142,96 @@ def test_calibrated_decides_before_a_compiled_step_which_follows_it():
         assert torch.equal(torch.compile(model[0], fullgraph=True, dynamic=False)(x), expected["linear"])
 
 
+def _graph_ops(module, x) -> str:
+    """The code of the graph dynamo traces for module(x) (run as traced, uncompiled)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.inference_mode(), linear.calibrated(torch.nn.Sequential(module), x.shape[0]):
+        torch.compile(module, backend=backend, fullgraph=True, dynamic=False)(x)
+    return "\n".join(graphs)
+
+
+def test_compiled_steps_take_the_compiled_verdict(monkeypatch):
+    """`calibrated` times the compiled products too (Inductor's blocked product at one row is its own reduction
+    kernel, not the eager bmm): once per shape, layers of one shape sharing it; a traced step takes
+    `compiled_paths` where there is one, the eager verdict where not, while eager calls keep theirs."""
+    monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
+    timed = []
+    real = linear._compiled_time
+    monkeypatch.setattr(linear, "_compiled_time", lambda path, *a: timed.append(path) or real(path, *a))
+    model = torch.nn.Sequential(Linear(64, 1024), Linear(64, 1024), Linear(64, 600, bias=False))
+    for layer in model:
+        layer.paths[1] = "linear"  # as an eager probe finding F.linear faster would have
+    with linear.calibrated(model, 1):
+        pass
+    assert sorted(timed) == ["blocked", "blocked", "linear", "linear"]  # two shapes, each path compiled once
+    assert all(layer.compiled_paths[1] in ("linear", "blocked") for layer in model)
+    assert model[0].compiled_paths == model[1].compiled_paths
+    layer, x = model[0], torch.randn(1, 64)
+    for verdict, bmm in (("blocked", True), ("linear", False)):
+        layer.compiled_paths[1] = verdict
+        assert ("bmm" in _graph_ops(layer, x)) == bmm, verdict
+    del layer.compiled_paths[1]  # none: the eager verdict
+    layer.paths[1] = "blocked"
+    assert "bmm" in _graph_ops(layer, x) and layer.compiled_paths[1] == "blocked"  # a blocked verdict: no compile
+    assert len(timed) == 4
+    calls = _spy(monkeypatch)
+    layer.paths[1], layer.compiled_paths[1] = "linear", "blocked"
+    with torch.inference_mode():
+        assert rel_error(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6 and calls == []  # eager: its own
+    torch._dynamo.reset()
+
+
+def test_a_margin_of_zero_compiles_no_probe(monkeypatch):
+    monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
+    monkeypatch.setattr(linear, "MARGIN", 0.0)
+    monkeypatch.setattr(linear, "_compiled_time", lambda *a: pytest.fail("compiled a probe"))
+    layer = Linear(64, 1024)
+    with linear.calibrated(torch.nn.Sequential(layer), 2):
+        pass
+    assert layer.compiled_paths == {2: layer.paths[2]} and layer.paths[2] != "blocked"
+
+
 def test_a_wrong_input_width_gets_linear_s_error():
     with torch.no_grad(), pytest.raises(RuntimeError, match="cannot be multiplied"):
         Linear(16, 1024)(torch.randn(1, 15))
+
+
+def test_compiled_generation_on_its_own_paths_gives_eager_s_tokens(monkeypatch):
+    """A compiled decode step on another path than eager's (here the lm_head: F.linear eagerly, the blocked product
+    compiled, Inductor's reduction kernel at one row) gives the tokens eager gives, greedy: the logits agree to
+    float32 rounding and no step is a near-tie (checked, so the test says why it would fail)."""
+    from gpt_core import GPTConfig
+    from torch_gpt import GPTModel, generate
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=1024, context_length=32, emb_dim=32, n_heads=2, n_layers=1)).eval()
+    head = model.lm_head
+    head.paths[1], head.compiled_paths[1] = "linear", "blocked"
+    prompt = torch.randint(0, 1024, (1, 5))
+    eager = generate(model, prompt, 12)
+    with torch.no_grad():
+        top2 = torch.stack([model(eager[:, :t])[0, -1].topk(2).values for t in range(5, 17)])
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # far above float32 rounding of these logits (~1e-7)
+    from torch._inductor.compile_fx import compile_fx
+
+    from torch_gpt import generation
+
+    graphs = []
+
+    def inductor(gm, example_inputs):  # Inductor, as generate's default, keeping each graph's code to look at
+        graphs.append(gm.code)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(generation._COMPILED, ("decode", None),
+                        torch.compile(generation._decode_step, backend=inductor, fullgraph=True, dynamic=False))
+    assert torch.equal(generate(model, prompt, 12, compile=True), eager)
+    assert len(graphs) == 1 and "bmm" in graphs[0]  # the decode step took the blocked path
+    assert head.paths[1] == "linear" and head.compiled_paths[1] == "blocked"
+    torch._dynamo.reset()

@@ -14,11 +14,17 @@ most MAX_ROWS rows), it times the three on that input and keeps an alternative o
 (blocked) or COPY_MARGIN (transposed, for its memory) of F.linear's time (`paths`, per layer: {rows: path}).
 Inside `torch.compile` nothing is timed: a traced step takes the verdict already made for its row count (F.linear
 where there is none), and reads a copy only inside `torch_gpt.generate`, which first (`calibrated`) makes the
-verdicts and brings every copy up to date with its weight, so eager and compiled steps run the same products on
-the current weights. Under autograd and on other devices it is always `F.linear` (cuBLAS has no such gap, and
-training's aten.mm/addmm are what `remat="dots"` keeps). The paths agree to float32 rounding, not bitwise.
-The probes cost time once per layer and row count (1.6 s for gpt2 at B=4, its prefill included, on 2 cores).
-`COPY_MARGIN = 0` never holds a copy; `MAX_ROWS = 0` always runs F.linear.
+verdicts and brings every copy up to date with its weight, so compiled steps compute with the current weights.
+A compiled product is not always the eager one, though: at one row Inductor turns the blocked `bmm` into its own
+fused reduction kernel, which on the EPYC ran gpt2's attention products 2-4x faster than the `addmm` their eager
+verdict kept (c_attn 76 against 595 us, each compiled alone). So `calibrated` also times the compiled products
+(compiled once per shape by Inductor, without dynamo) and records whether traced steps take the blocked path
+instead of the eager verdict (`compiled_paths`). Under autograd and on other devices it is always `F.linear`
+(cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"` keeps). The paths agree to float32
+rounding, not bitwise, and so do compiled and eager steps where their paths differ.
+The probes cost time once per layer and row count (1.6 s for gpt2 at B=4, its prefill included, on 2 cores), the
+compiled ones a few Inductor compilations per batch size.
+`COPY_MARGIN = 0` never holds a copy; `MARGIN = 0` never blocks; `MAX_ROWS = 0` always runs F.linear.
 """
 
 from __future__ import annotations
@@ -70,6 +76,26 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+_PRODUCTS = {"linear": F.linear, "blocked": blocked_linear, "transposed": transposed_linear}
+_COMPILED_VERDICTS: dict[tuple, str] = {}  # Linear.probe_compiled's, by shape: gpt2's 12 c_attn layers share one
+
+
+def _compiled_time(path: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+    """The time of one path's product as Inductor compiles it for exactly these shapes (a warm-up call, then the
+    minimum of PROBE_CALLS). Traced by make_fx and compiled by `torch._inductor.compile`: no dynamo, so no cache of
+    compiled graphs per Python function fills up across shapes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    product = _PRODUCTS[path]
+    fn = (lambda x, w: product(x, w, None)) if bias is None else product
+    with torch.inference_mode(False), torch.no_grad():  # make_fx traces normal tensors (copies of inference ones)
+        inputs = (x, weight) if bias is None else (x, weight, bias)
+        args = [t.clone() if t.is_inference() else t.detach() for t in inputs]
+        compiled = torch._inductor.compile(make_fx(fn)(*args), args)
+        compiled(*args)
+        return min(_time(lambda: compiled(*args)) for _ in range(PROBE_CALLS))
+
+
 class Linear(nn.Linear):
     """nn.Linear (the same parameters, names and init) whose inference on CPU with at most MAX_ROWS rows may run
     `blocked_linear` or `transposed_linear`, where a probe found it faster for that row count (see the module
@@ -78,6 +104,7 @@ class Linear(nn.Linear):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.paths: dict[int, str] = {}  # rows -> the probe's verdict, one of PATHS; not state_dict, not saved
+        self.compiled_paths: dict[int, str] = {}  # rows -> the path traced steps take, where `calibrated` timed it
         self.weight_t: torch.Tensor | None = None  # the (K, N) copy, only while a verdict is "transposed"
         self._weight_t_of: tuple | None = None  # (version, data_ptr, dtype, device) of the weight it copies
 
@@ -123,11 +150,30 @@ class Linear(nn.Linear):
             self.weight_t = self._weight_t_of = None  # the copy's memory back
         return path
 
+    def probe_compiled(self, x: torch.Tensor) -> str:
+        """For steps traced by `torch.compile`: time the blocked product and the eager verdict's, each as Inductor
+        compiles it, and record which traced steps take for x's row count (the blocked one where it takes at most
+        MARGIN of the other's time). Decided once per input and weight shape, bias, dtype and eager verdict."""
+        rows = x.numel() // x.shape[-1]
+        eager = self.paths[rows]
+        key = (tuple(x.shape), tuple(self.weight.shape), self.bias is not None, x.dtype, eager)
+        if key not in _COMPILED_VERDICTS:
+            if eager == "blocked" or MARGIN <= 0:
+                _COMPILED_VERDICTS[key] = eager
+            else:
+                w = self.fresh_weight_t() if eager == "transposed" else self.weight
+                blocked = _compiled_time("blocked", x, self.weight, self.bias)
+                _COMPILED_VERDICTS[key] = ("blocked" if blocked <= MARGIN * _compiled_time(eager, x, w, self.bias)
+                                           else eager)
+        self.compiled_paths[rows] = _COMPILED_VERDICTS[key]
+        return self.compiled_paths[rows]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.may_switch(x):
             rows = x.numel() // x.shape[-1]
             if torch.compiler.is_compiling():  # no timing in a trace; a symbolic row count is never looked up
-                path = self.paths.get(rows, "linear") if isinstance(rows, int) else "linear"
+                path = (self.compiled_paths.get(rows, self.paths.get(rows, "linear")) if isinstance(rows, int)
+                        else "linear")
                 if path == "transposed" and not (_COPIES_CHECKED and self.weight_t is not None):
                     path = "linear"  # outside generate nothing vouches that the copy is the weight's
             else:
@@ -147,18 +193,21 @@ _COPIES_CHECKED = False
 
 @contextlib.contextmanager
 def calibrated(model: nn.Module, rows: int):
-    """Probe every CPU `Linear` of `model` for inputs of `rows` rows where it has no verdict yet, and bring every
-    (K, N) copy up to date with its weight, so that a step compiled inside takes the same paths as an eager one and
-    reads the current weights. The probes' random inputs come from their own generator: a caller's seeded sampling
-    draws what it drew without them."""
+    """Probe every CPU `Linear` of `model` for inputs of `rows` rows where it has no verdict yet, eager and
+    compiled (`probe_compiled`), and bring every (K, N) copy up to date with its weight, so that a step compiled
+    inside takes measured paths and reads the current weights. The probes' random inputs come from their own
+    generator: a caller's seeded sampling draws what it drew without them."""
     global _COPIES_CHECKED
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, Linear) and module.weight.device.type == "cpu":
                 x = torch.randn(rows, module.in_features, generator=gen).to(module.weight.dtype)
-                if module.may_switch(x) and rows not in module.paths:
-                    module.probe(x)
+                if module.may_switch(x):
+                    if rows not in module.paths:
+                        module.probe(x)
+                    if rows not in module.compiled_paths:
+                        module.probe_compiled(x)
                 if "transposed" in module.paths.values():
                     module.fresh_weight_t()
     previous, _COPIES_CHECKED = _COPIES_CHECKED, True
