@@ -1,5 +1,7 @@
 """torch_gpt.linear: the blocked CPU product of a decode step is F.linear's, and runs only where it should."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -142,8 +144,8 @@ def test_calibrated_decides_before_a_compiled_step_which_follows_it():
         assert torch.equal(torch.compile(model[0], fullgraph=True, dynamic=False)(x), expected["linear"])
 
 
-def _graph_ops(module, x) -> str:
-    """The code of the graph dynamo traces for module(x) (run as traced, uncompiled)."""
+def _graph_ops(module, x, calibrate: bool = True) -> str:
+    """The code of the graph dynamo traces for module(x) (run as traced, uncompiled), inside `calibrated` or not."""
     graphs = []
 
     def backend(gm, example_inputs):
@@ -151,7 +153,8 @@ def _graph_ops(module, x) -> str:
         return gm.forward
 
     torch._dynamo.reset()
-    with torch.inference_mode(), linear.calibrated(torch.nn.Sequential(module), x.shape[0]):
+    with torch.inference_mode(), (linear.calibrated(torch.nn.Sequential(module), x.shape[0]) if calibrate
+                                  else contextlib.nullcontext()):
         torch.compile(module, backend=backend, fullgraph=True, dynamic=False)(x)
     return "\n".join(graphs)
 
@@ -176,8 +179,9 @@ def test_compiled_steps_take_the_compiled_verdict(monkeypatch):
     for verdict, bmm in (("blocked", True), ("linear", False)):
         layer.compiled_paths[1] = verdict
         assert ("bmm" in _graph_ops(layer, x)) == bmm, verdict
-    del layer.compiled_paths[1]  # none: the eager verdict
+    del layer.compiled_paths[1]  # none (a step compiled outside generate): the eager verdict
     layer.paths[1] = "blocked"
+    assert "bmm" in _graph_ops(layer, x, calibrate=False) and 1 not in layer.compiled_paths
     assert "bmm" in _graph_ops(layer, x) and layer.compiled_paths[1] == "blocked"  # a blocked verdict: no compile
     assert len(timed) == 4
     calls = _spy(monkeypatch)
