@@ -26,6 +26,20 @@ def test_blocked_linear_is_linear(n, k, lead, bias):
     assert rel_error(y, exact) <= 2 * rel_error(F.linear(x, w, b), exact) + 1e-7
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_reduced_linear_is_linear(compiled):
+    """The compiled-only product (Inductor's reduction over K), with a bias and leading dims: as accurate as F.linear
+    in float32 against float64; eagerly (small, as here) it computes the same function."""
+    gen = torch.Generator().manual_seed(5)
+    w, x, b = torch.randn(600, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), torch.randn(600, generator=gen)
+    exact = F.linear(x.double(), w.double(), b.double())
+    product = torch.compile(linear.reduced_linear, fullgraph=True, dynamic=False) if compiled else linear.reduced_linear
+    with torch.no_grad():
+        y = product(x, w, b)
+    torch._dynamo.reset()
+    assert y.shape == exact.shape and rel_error(y, exact) <= 2 * rel_error(F.linear(x, w, b), exact) + 1e-7
+
+
 def test_transposed_linear_is_linear():
     gen = torch.Generator().manual_seed(3)
     w, x, b = torch.randn(700, 96, generator=gen), torch.randn(2, 3, 96, generator=gen), torch.randn(700, generator=gen)
@@ -159,10 +173,15 @@ def _graph_ops(module, x, calibrate: bool = True) -> str:
     return "\n".join(graphs)
 
 
+# What a traced step's graph holds on each path (the reduced product: its realized input, a prim only it calls).
+GRAPH_MARK = {"blocked": "bmm", "reduced": "inductor_force_stride_order", "linear": "linear"}
+
+
 def test_compiled_steps_take_the_compiled_verdict(monkeypatch):
     """`calibrated` times the compiled products too (Inductor's blocked product at one row is its own reduction
-    kernel, not the eager bmm): once per shape, layers of one shape sharing it; a traced step takes
-    `compiled_paths` where there is one, the eager verdict where not, while eager calls keep theirs."""
+    kernel, not the eager bmm; the reduced one exists only compiled): once per shape, layers of one shape sharing
+    it; a traced step takes `compiled_paths` where there is one, the eager verdict where not, while eager calls
+    keep theirs."""
     monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
     timed = []
     real = linear._compiled_time
@@ -172,22 +191,24 @@ def test_compiled_steps_take_the_compiled_verdict(monkeypatch):
         layer.paths[1] = "linear"  # as an eager probe finding F.linear faster would have
     with linear.calibrated(model, 1):
         pass
-    assert sorted(timed) == ["blocked", "blocked", "linear", "linear"]  # two shapes, each path compiled once
-    assert all(layer.compiled_paths[1] in ("linear", "blocked") for layer in model)
+    assert sorted(timed) == ["blocked"] * 2 + ["linear"] * 2 + ["reduced"] * 2  # two shapes, each path once
+    assert all(layer.compiled_paths[1] in ("linear", "blocked", "reduced") for layer in model)
     assert model[0].compiled_paths == model[1].compiled_paths
     layer, x = model[0], torch.randn(1, 64)
-    for verdict, bmm in (("blocked", True), ("linear", False)):
+    for verdict in GRAPH_MARK:
         layer.compiled_paths[1] = verdict
-        assert ("bmm" in _graph_ops(layer, x)) == bmm, verdict
+        ops = _graph_ops(layer, x)
+        assert all((m in ops) == (v == verdict) for v, m in GRAPH_MARK.items() if v != "linear"), verdict
     del layer.compiled_paths[1]  # none (a step compiled outside generate): the eager verdict
     layer.paths[1] = "blocked"
     assert "bmm" in _graph_ops(layer, x, calibrate=False) and 1 not in layer.compiled_paths
-    assert "bmm" in _graph_ops(layer, x) and layer.compiled_paths[1] == "blocked"  # a blocked verdict: no compile
-    assert len(timed) == 4
+    ops = _graph_ops(layer, x)  # a blocked eager verdict: weighed against the reduced product alone
+    assert timed[6:] == ["blocked", "reduced"] and GRAPH_MARK[layer.compiled_paths[1]] in ops
     calls = _spy(monkeypatch)
-    layer.paths[1], layer.compiled_paths[1] = "linear", "blocked"
-    with torch.inference_mode():
-        assert rel_error(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6 and calls == []  # eager: its own
+    for verdict in ("blocked", "reduced"):
+        layer.paths[1], layer.compiled_paths[1] = "linear", verdict
+        with torch.inference_mode():
+            assert rel_error(layer(x), F.linear(x, layer.weight, layer.bias)) < 1e-6 and calls == []  # eager: its own
     torch._dynamo.reset()
 
 
@@ -206,17 +227,18 @@ def test_a_wrong_input_width_gets_linear_s_error():
         Linear(16, 1024)(torch.randn(1, 15))
 
 
-def test_compiled_generation_on_its_own_paths_gives_eager_s_tokens(monkeypatch):
-    """A compiled decode step on another path than eager's (here the lm_head: F.linear eagerly, the blocked product
-    compiled, Inductor's reduction kernel at one row) gives the tokens eager gives, greedy: the logits agree to
-    float32 rounding and no step is a near-tie (checked, so the test says why it would fail)."""
+@pytest.mark.parametrize("path", ["blocked", "reduced"])
+def test_compiled_generation_on_its_own_paths_gives_eager_s_tokens(monkeypatch, path):
+    """A compiled decode step on another path than eager's (here the lm_head: F.linear eagerly, compiled the blocked
+    product, Inductor's reduction kernel at one row, or the reduced one) gives the tokens eager gives, greedy: the
+    logits agree to float32 rounding and no step is a near-tie (checked, so the test says why it would fail)."""
     from gpt_core import GPTConfig
     from torch_gpt import GPTModel, generate
 
     torch.manual_seed(0)
     model = GPTModel(GPTConfig(vocab_size=1024, context_length=32, emb_dim=32, n_heads=2, n_layers=1)).eval()
     head = model.lm_head
-    head.paths[1], head.compiled_paths[1] = "linear", "blocked"
+    head.paths[1], head.compiled_paths[1] = "linear", path
     prompt = torch.randint(0, 1024, (1, 5))
     eager = generate(model, prompt, 12)
     with torch.no_grad():
@@ -236,6 +258,6 @@ def test_compiled_generation_on_its_own_paths_gives_eager_s_tokens(monkeypatch):
     monkeypatch.setitem(generation._COMPILED, ("decode", None),
                         torch.compile(generation._decode_step, backend=inductor, fullgraph=True, dynamic=False))
     assert torch.equal(generate(model, prompt, 12, compile=True), eager)
-    assert len(graphs) == 1 and "bmm" in graphs[0]  # the decode step took the blocked path
-    assert head.paths[1] == "linear" and head.compiled_paths[1] == "blocked"
+    assert len(graphs) == 1 and GRAPH_MARK[path] in graphs[0]  # the decode step took that path
+    assert head.paths[1] == "linear" and head.compiled_paths[1] == path
     torch._dynamo.reset()

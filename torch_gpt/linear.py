@@ -17,14 +17,19 @@ where there is none), and reads a copy only inside `torch_gpt.generate`, which f
 verdicts and brings every copy up to date with its weight, so compiled steps compute with the current weights.
 A compiled product is not always the eager one, though: at one row Inductor turns the blocked `bmm` into its own
 fused reduction kernel, which on the EPYC ran each of a gpt2 block's products at one row 2.4-3.8x faster than `addmm`
-(c_attn 84 against 222 us, each compiled alone, weights in cache). So `calibrated` also times the compiled products
-(compiled once per shape by Inductor, without dynamo) and records whether traced steps take the blocked path
-instead of the eager verdict (`compiled_paths`). Under autograd and on other devices it is always `F.linear`
+(c_attn 84 against 222 us, each compiled alone, weights in cache). And a third product exists only compiled:
+"reduced", `(x[..., None, :] * W).sum(-1)`, which Inductor makes one vectorized loop over W's rows, each dot product
+accumulated in vector registers (eagerly it would materialise an (M, N, K) tensor); its input is realized first, or
+Inductor would recompute the producer (the final LayerNorm) inside that loop for every row of W. The tiny preset's
+lm_head and greedy argmax at four rows took 0.6-0.9 ms so against 1.2-1.6 blocked (both compiled, the EPYC), and its
+decode step 1.54 against 2.20 ms. So `calibrated` also
+times the compiled products (compiled once per shape by Inductor, without dynamo) and records which one traced
+steps take (`compiled_paths`). Under autograd and on other devices it is always `F.linear`
 (cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"` keeps). The paths agree to float32
 rounding, not bitwise, and so do compiled and eager steps where their paths differ.
 The probes cost time once per layer and row count (1.6 s for gpt2 at B=4, its prefill included, on 2 cores), the
 compiled ones a few Inductor compilations per batch size.
-`COPY_MARGIN = 0` never holds a copy; `MARGIN = 0` never blocks; `MAX_ROWS = 0` always runs F.linear.
+`COPY_MARGIN = 0` never holds a copy; `MARGIN = 0` never blocks nor reduces; `MAX_ROWS = 0` always runs F.linear.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ import torch.nn.functional as F
 
 BLOCKS = 8  # row blocks of W: enough for every core here to stream its share; a few more cost nothing
 MAX_ROWS = 64  # up to this many rows of x the blocked product can pay (the EPYC: faster at every GPT-2 shape)
-PROBE_CALLS = 3  # timed calls of each path in a probe; their minimum is compared
+PROBE_CALLS = 3  # timed calls of each path in an eager probe; their minimum is compared
+COMPILED_PROBE_CALLS = 10  # and in a compiled one (made once per shape, so it can afford steadier figures)
 MARGIN = 0.9  # the blocked path must take at most this fraction of F.linear's time to be kept
 COPY_MARGIN = 0.8  # the transposed path, which holds a copy of the weight, at most this fraction
 
@@ -59,7 +65,8 @@ def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return y.reshape(*lead, n)
 
 
-PATHS = ("linear", "blocked", "transposed")
+PATHS = ("linear", "blocked", "transposed")  # eager steps' paths; compiled ones may also take "reduced"
+COMPILED_ALTERNATIVES = ("blocked", "reduced")  # what a compiled probe weighs against the eager verdict
 
 
 def transposed_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -70,20 +77,33 @@ def transposed_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tenso
     return y.reshape(*x.shape[:-1], weight_t.shape[1])
 
 
+def reduced_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` as a product and a sum over K, for compiled steps only: Inductor makes it one
+    reduction kernel over W's rows (eagerly it would materialise (..., N, K)). x is realized first (a no-op
+    eagerly, a buffer in Inductor), so that what produced it is computed once, not inside the loop for every row."""
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+    x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
+    y = (x[..., None, :] * weight).sum(-1)
+    return y + bias if bias is not None else y
+
+
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-_PRODUCTS = {"linear": F.linear, "blocked": blocked_linear, "transposed": transposed_linear}
+_PRODUCTS = {"linear": F.linear, "blocked": blocked_linear, "transposed": transposed_linear,
+             "reduced": reduced_linear}
 _COMPILED_VERDICTS: dict[tuple, str] = {}  # Linear.probe_compiled's, by shape: gpt2's 12 c_attn layers share one
 
 
 def _compiled_time(path: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
     """The time of one path's product as Inductor compiles it for exactly these shapes (a warm-up call, then the
-    minimum of PROBE_CALLS). Traced by make_fx and compiled by `torch._inductor.compile`: no dynamo, so no cache of
-    compiled graphs per Python function fills up across shapes."""
+    minimum of COMPILED_PROBE_CALLS). Traced by make_fx on fake tensors (nothing computed, so the reduced product's
+    eager (M, N, K) never exists) and compiled by `torch._inductor.compile`: no dynamo, so no cache of compiled
+    graphs per Python function fills up across shapes."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     product = _PRODUCTS[path]
@@ -91,9 +111,9 @@ def _compiled_time(path: str, x: torch.Tensor, weight: torch.Tensor, bias: torch
     with torch.inference_mode(False), torch.no_grad():  # make_fx traces normal tensors (copies of inference ones)
         inputs = (x, weight) if bias is None else (x, weight, bias)
         args = [t.clone() if t.is_inference() else t.detach() for t in inputs]
-        compiled = torch._inductor.compile(make_fx(fn)(*args), args)
+        compiled = torch._inductor.compile(make_fx(fn, tracing_mode="fake")(*args), args)
         compiled(*args)
-        return min(_time(lambda: compiled(*args)) for _ in range(PROBE_CALLS))
+        return min(_time(lambda: compiled(*args)) for _ in range(COMPILED_PROBE_CALLS))
 
 
 class Linear(nn.Linear):
@@ -151,20 +171,22 @@ class Linear(nn.Linear):
         return path
 
     def probe_compiled(self, x: torch.Tensor) -> str:
-        """For steps traced by `torch.compile`: time the blocked product and the eager verdict's, each as Inductor
-        compiles it, and record which traced steps take for x's row count (the blocked one where it takes at most
-        MARGIN of the other's time). Decided once per input and weight shape, bias, dtype and eager verdict."""
+        """For steps traced by `torch.compile`: time the eager verdict's product and COMPILED_ALTERNATIVES, each as
+        Inductor compiles it, and record which traced steps take for x's row count (an alternative only where it
+        takes at most MARGIN of the eager verdict's time; the fastest of those). Decided once per input and weight
+        shape, bias, dtype and eager verdict."""
         rows = x.numel() // x.shape[-1]
         eager = self.paths[rows]
         key = (tuple(x.shape), tuple(self.weight.shape), self.bias is not None, x.dtype, eager)
         if key not in _COMPILED_VERDICTS:
-            if eager == "blocked" or MARGIN <= 0:
-                _COMPILED_VERDICTS[key] = eager
-            else:
+            times = {}
+            if MARGIN > 0:  # a margin of 0 keeps the eager verdict: nothing compiled
                 w = self.fresh_weight_t() if eager == "transposed" else self.weight
-                blocked = _compiled_time("blocked", x, self.weight, self.bias)
-                _COMPILED_VERDICTS[key] = ("blocked" if blocked <= MARGIN * _compiled_time(eager, x, w, self.bias)
-                                           else eager)
+                times[eager] = _compiled_time(eager, x, w, self.bias)
+                for path in COMPILED_ALTERNATIVES:
+                    if path != eager:
+                        times[path] = _compiled_time(path, x, self.weight, self.bias) / MARGIN
+            _COMPILED_VERDICTS[key] = min(times, key=times.get) if times else eager  # a tie: the eager verdict
         self.compiled_paths[rows] = _COMPILED_VERDICTS[key]
         return self.compiled_paths[rows]
 
@@ -180,6 +202,8 @@ class Linear(nn.Linear):
                 path = self.paths[rows] if rows in self.paths else self.probe(x)
             if path == "blocked":
                 return blocked_linear(x, self.weight, self.bias)
+            if path == "reduced":  # only ever a compiled verdict
+                return reduced_linear(x, self.weight, self.bias)
             if path == "transposed":
                 w_t = self.weight_t if torch.compiler.is_compiling() else self.fresh_weight_t()
                 return transposed_linear(x, w_t, self.bias)
