@@ -184,8 +184,8 @@ def test_compiled_steps_take_the_compiled_verdict(monkeypatch):
     keep theirs."""
     monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
     timed = []
-    real = linear._compiled_time
-    monkeypatch.setattr(linear, "_compiled_time", lambda path, *a: timed.append(path) or real(path, *a))
+    real = linear._compiled_product
+    monkeypatch.setattr(linear, "_compiled_product", lambda path, *a: timed.append(path) or real(path, *a))
     model = torch.nn.Sequential(Linear(64, 1024), Linear(64, 1024), Linear(64, 600, bias=False))
     for layer in model:
         layer.paths[1] = "linear"  # as an eager probe finding F.linear faster would have
@@ -212,10 +212,17 @@ def test_compiled_steps_take_the_compiled_verdict(monkeypatch):
     torch._dynamo.reset()
 
 
+def test_probes_take_turns():
+    """The paths of a probe are timed in rounds, each once per round, so a slow spell falls on all alike."""
+    order = []
+    times = linear._fastest({name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}, 3)
+    assert order == ["a", "b", "c"] * 3 and set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+
+
 def test_a_margin_of_zero_compiles_no_probe(monkeypatch):
     monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
     monkeypatch.setattr(linear, "MARGIN", 0.0)
-    monkeypatch.setattr(linear, "_compiled_time", lambda *a: pytest.fail("compiled a probe"))
+    monkeypatch.setattr(linear, "_compiled_product", lambda *a: pytest.fail("compiled a probe"))
     layer = Linear(64, 1024)
     with linear.calibrated(torch.nn.Sequential(layer), 2):
         pass
