@@ -28,7 +28,7 @@ steps take (`compiled_paths`). Under autograd and on other devices it is always 
 (cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"` keeps). The paths agree to float32
 rounding, not bitwise, and so do compiled and eager steps where their paths differ.
 The probes cost time once per layer and row count (1.6 s for gpt2 at B=4, its prefill included, on 2 cores), the
-compiled ones a few Inductor compilations per batch size.
+compiled ones three Inductor compilations per weight shape and batch size.
 `COPY_MARGIN = 0` never holds a copy; `MARGIN = 0` never blocks nor reduces; `MAX_ROWS = 0` always runs F.linear.
 """
 
