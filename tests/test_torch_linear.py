@@ -234,6 +234,24 @@ def test_a_wrong_input_width_gets_linear_s_error():
         Linear(16, 1024)(torch.randn(1, 15))
 
 
+def _decode_graphs(monkeypatch) -> list[str]:
+    """The code of each decode graph generate compiles from now on (by Inductor, as its default does)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from torch_gpt import generation
+
+    graphs = []
+
+    def inductor(gm, example_inputs):
+        graphs.append(gm.code)
+        return compile_fx(gm, example_inputs)
+
+    torch._dynamo.reset()
+    monkeypatch.setitem(generation._COMPILED, ("decode", None),
+                        torch.compile(generation._decode_step, backend=inductor, fullgraph=True, dynamic=False))
+    return graphs
+
+
 @pytest.mark.parametrize("path", ["blocked", "reduced"])
 def test_compiled_generation_on_its_own_paths_gives_eager_s_tokens(monkeypatch, path):
     """A compiled decode step on another path than eager's (here the lm_head: F.linear eagerly, compiled the blocked
@@ -251,20 +269,34 @@ def test_compiled_generation_on_its_own_paths_gives_eager_s_tokens(monkeypatch, 
     with torch.no_grad():
         top2 = torch.stack([model(eager[:, :t])[0, -1].topk(2).values for t in range(5, 17)])
     assert (top2[:, 0] - top2[:, 1]).min() > 1e-4  # far above float32 rounding of these logits (~1e-7)
-    from torch._inductor.compile_fx import compile_fx
-
-    from torch_gpt import generation
-
-    graphs = []
-
-    def inductor(gm, example_inputs):  # Inductor, as generate's default, keeping each graph's code to look at
-        graphs.append(gm.code)
-        return compile_fx(gm, example_inputs)
-
-    torch._dynamo.reset()
-    monkeypatch.setitem(generation._COMPILED, ("decode", None),
-                        torch.compile(generation._decode_step, backend=inductor, fullgraph=True, dynamic=False))
+    graphs = _decode_graphs(monkeypatch)
     assert torch.equal(generate(model, prompt, 12, compile=True), eager)
     assert len(graphs) == 1 and GRAPH_MARK[path] in graphs[0]  # the decode step took that path
     assert head.paths[1] == "linear" and head.compiled_paths[1] == path
+    torch._dynamo.reset()
+
+
+def test_the_reduced_product_on_padded_batches_and_sampling(monkeypatch):
+    """Where users take it: two prompts of different lengths in one batch, greedy and sampled (seeded), with the
+    lm_head on the reduced product compiled (F.linear eagerly): eager's tokens, and each greedy row its own alone."""
+    from gpt_core import GPTConfig
+    from torch_gpt import GPTModel, generate
+
+    torch.manual_seed(1)
+    model = GPTModel(GPTConfig(vocab_size=1024, context_length=32, emb_dim=32, n_heads=2, n_layers=2)).eval()
+    head = model.lm_head
+    for rows in (1, 2):
+        head.paths[rows], head.compiled_paths[rows] = "linear", "reduced"
+    prompts = [torch.randint(0, 1024, (5,)).tolist(), torch.randint(0, 1024, (3,)).tolist()]
+    greedy = generate(model, prompts, 10)
+    alone = [generate(model, [p], 10)[0, -10:] for p in prompts]
+    sampled = generate(model, prompts, 10, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3))
+    graphs = _decode_graphs(monkeypatch)
+    assert torch.equal(generate(model, prompts, 10, compile=True), greedy)
+    for p, a in zip(prompts, alone, strict=True):
+        assert torch.equal(generate(model, [p], 10, compile=True)[0, -10:], a)
+    assert torch.equal(greedy[:, -10:], torch.stack(alone))
+    assert torch.equal(generate(model, prompts, 10, temperature=0.8, top_k=50, compile=True,
+                                generator=torch.Generator().manual_seed(3)), sampled)
+    assert len(graphs) == 4 and all(GRAPH_MARK["reduced"] in g for g in graphs)  # B=2 and 1, greedy and sampled
     torch._dynamo.reset()
