@@ -84,8 +84,8 @@ def reduced_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
 
     x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
-    y = (x[..., None, :] * weight).sum(-1)
-    return y + bias if bias is not None else y
+    y = (x[..., None, :].float() * weight.float()).sum(-1)  # float32 products and sum, as a GEMM accumulates
+    return (y + bias.float() if bias is not None else y).to(x.dtype)
 
 
 def _time(fn) -> float:
