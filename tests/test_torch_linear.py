@@ -223,6 +223,23 @@ def test_probes_take_turns():
     assert order == ["a", "b", "c"] * 3 and set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
 
 
+def test_without_the_realizing_prim_the_reduced_product_is_not_weighed(monkeypatch):
+    """The reduced product rests on a prim private to Inductor: where a torch lacks it, the compiled probe weighs
+    the eager verdict and the blocked product alone, as before the reduced one existed."""
+    monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
+    monkeypatch.setattr(linear, "_can_realize", lambda: False)
+    timed = []
+    real = linear._compiled_product
+    monkeypatch.setattr(linear, "_compiled_product", lambda path, *a: timed.append(path) or real(path, *a))
+    layer = Linear(64, 1024)
+    layer.paths[1] = "linear"
+    with linear.calibrated(torch.nn.Sequential(layer), 1):
+        pass
+    assert timed == ["linear", "blocked"] and layer.compiled_paths[1] in ("linear", "blocked")
+    monkeypatch.undo()
+    assert linear._can_realize()  # this torch has it, so the tests above exercised the reduced product
+
+
 def test_a_margin_of_zero_compiles_no_probe(monkeypatch):
     monkeypatch.setattr(linear, "_COMPILED_VERDICTS", {})
     monkeypatch.setattr(linear, "MARGIN", 0.0)

@@ -81,11 +81,22 @@ def reduced_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """`F.linear(x, weight, bias)` as a product and a sum over K, for compiled steps only: Inductor makes it one
     reduction kernel over W's rows (eagerly it would materialise (..., N, K)). x is realized first (a no-op
     eagerly, a buffer in Inductor), so that what produced it is computed once, not inside the loop for every row."""
-    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim; `_can_realize` checked it is there)
 
     x = torch.ops.prims.inductor_force_stride_order(x, x.stride())
     y = (x[..., None, :].float() * weight.float()).sum(-1)  # float32 products and sum, as a GEMM accumulates
     return (y + bias.float() if bias is not None else y).to(x.dtype)
+
+
+def _can_realize() -> bool:
+    """Whether this torch has the Inductor prim `reduced_linear` realizes its input with (private to Inductor: where
+    it is gone, compiled steps keep the blocked product and F.linear, as before the reduced one existed)."""
+    try:
+        import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+        return hasattr(torch.ops.prims, "inductor_force_stride_order")
+    except ImportError:
+        return False
 
 
 def _time(fn) -> float:
@@ -195,7 +206,7 @@ class Linear(nn.Linear):
                 w = self.fresh_weight_t() if eager == "transposed" else self.weight
                 calls = {eager: _compiled_product(eager, x, w, self.bias)}
                 for path in COMPILED_ALTERNATIVES:
-                    if path != eager:
+                    if path != eager and (path != "reduced" or _can_realize()):
                         calls[path] = _compiled_product(path, x, self.weight, self.bias)
                 with torch.inference_mode(False), torch.no_grad():
                     times = _fastest(calls, COMPILED_PROBE_CALLS)
