@@ -233,6 +233,9 @@ def test_compiled_generation_equals_eager_and_compiles_once():
     for seed in (2, 3):
         assert same([[t % 97 for t in p] for p in prompts_of([5, 2], seed)], 12)
     assert built() == {"prefill": 2, "decode": 2}
+    for t, n in ((5, 12), (8, 9), (3, 2)):  # B=1, where a (1, 1) slice of the output kept its width's strides
+        assert same(torch.randint(0, 97, (1, t)), n)
+    assert built() == {"prefill": 3, "decode": 3}, "B=1: a later call with the same cache shape recompiled"
 
 
 def test_cli_prints_a_continuation(tmp_path):

@@ -319,5 +319,5 @@ def test_the_reduced_product_on_padded_batches_and_sampling(monkeypatch):
     assert torch.equal(greedy[:, -10:], torch.stack(alone))
     assert torch.equal(generate(model, prompts, 10, temperature=0.8, top_k=50, compile=True,
                                 generator=torch.Generator().manual_seed(3)), sampled)
-    assert len(graphs) == 4 and all(GRAPH_MARK["reduced"] in g for g in graphs)  # B=2 and 1, greedy and sampled
+    assert len(graphs) == 3 and all(GRAPH_MARK["reduced"] in g for g in graphs)  # greedy B=2 and B=1, sampled B=2
     torch._dynamo.reset()

@@ -212,8 +212,10 @@ def generate(model: GPTModel, idx: torch.Tensor | Sequence[Sequence[int]], max_n
                 cache.reset((start - lo).clamp(min=0) if padded else None)
                 logits, filled = prefill(model, cache, window), window.shape[1]
             else:
-                # Contiguous: the slice's strides follow out's width, and a compiled step is specialised on strides.
-                logits, filled = decode(model, cache, out[:, cur - 1:cur].contiguous(), greedy), filled + 1
+                # A fresh (B, 1): the slice's strides follow out's width, and a compiled step is specialised on
+                # strides (`.contiguous()` keeps them at B=1, where a (1, 1) view counts as contiguous already).
+                ids = out[:, cur - 1:cur].clone(memory_format=torch.contiguous_format)
+                logits, filled = decode(model, cache, ids, greedy), filled + 1
             # (B,): greedy decode steps return their argmax already
             nxt = logits if logits.dim() == 1 else sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:

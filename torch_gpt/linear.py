@@ -21,12 +21,11 @@ fused reduction kernel, which on the EPYC ran each of a gpt2 block's products at
 "reduced", `(x[..., None, :] * W).sum(-1)`, which Inductor makes one vectorized loop over W's rows, each dot product
 accumulated in vector registers (eagerly it would materialise an (M, N, K) tensor); its input is realized first, or
 Inductor would recompute the producer (the final LayerNorm) inside that loop for every row of W. The tiny preset's
-lm_head and greedy argmax at four rows took 0.6-0.9 ms so against 1.2-1.6 blocked (both compiled, the EPYC), and its
-decode step 1.54 against 2.20 ms. So `calibrated` also
-times the compiled products (compiled once per shape by Inductor, without dynamo) and records which one traced
-steps take (`compiled_paths`). Under autograd and on other devices it is always `F.linear`
-(cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"` keeps). The paths agree to float32
-rounding, not bitwise, and so do compiled and eager steps where their paths differ.
+lm_head and greedy argmax at four rows took 0.6-0.9 ms against 1.2-1.6 blocked (both compiled, the EPYC), and its
+decode step 1.54 against 2.20 ms. So `calibrated` also times the compiled products (compiled once per shape by
+Inductor, without dynamo) and records which one traced steps take (`compiled_paths`). Under autograd and on other
+devices it is always `F.linear` (cuBLAS has no such gap, and training's aten.mm/addmm are what `remat="dots"`
+keeps). The paths agree to float32 rounding, not bitwise, and so do compiled and eager steps where their paths differ.
 The probes cost time once per layer and row count (1.6 s for gpt2 at B=4, its prefill included, on 2 cores), the
 compiled ones three Inductor compilations per weight shape and batch size.
 `COPY_MARGIN = 0` never holds a copy; `MARGIN = 0` never blocks nor reduces; `MAX_ROWS = 0` always runs F.linear.
@@ -45,7 +44,7 @@ BLOCKS = 8  # row blocks of W: enough for every core here to stream its share; a
 MAX_ROWS = 64  # up to this many rows of x the blocked product can pay (the EPYC: faster at every GPT-2 shape)
 PROBE_CALLS = 3  # rounds of an eager probe, each timing every path once; each path's minimum is compared
 COMPILED_PROBE_CALLS = 10  # and of a compiled one (made once per shape, so it can afford steadier figures)
-MARGIN = 0.9  # the blocked path must take at most this fraction of F.linear's time to be kept
+MARGIN = 0.9  # blocked (eager: of F.linear's time) or reduced (compiled: of the eager verdict's) must take at most this
 COPY_MARGIN = 0.8  # the transposed path, which holds a copy of the weight, at most this fraction
 
 
